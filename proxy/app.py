@@ -1,0 +1,137 @@
+"""create_app(settings): the proxy as an aiohttp Application, with typed state and lifecycles."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Final, TypeVar
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import ConfigError, Settings
+from proxy.fill import Flights
+from proxy.identity import IdentityResolver
+from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
+from proxy.middleware.tts_cache import TtsCache
+from proxy.stats import CacheStats
+from proxy.storage.base import Tier
+from proxy.storage.memory import MemoryTier
+from proxy.storage.tiered import TieredCache
+from proxy.storage.volume_local import LocalVolume
+from proxy.upstreams.http import HttpUpstream, client_session
+
+log = logging.getLogger(__name__)
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+IDENTITY: Final = web.AppKey("identity", IdentityResolver)
+STATS: Final = web.AppKey("stats", CacheStats)
+FLIGHTS: Final = web.AppKey("flights", Flights)
+UPSTREAM: Final = web.AppKey("upstream", HttpUpstream)
+CACHE: Final = web.AppKey("cache", TieredCache)
+TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
+AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
+
+T = TypeVar("T")
+
+
+def get_state(app: web.Application, key: web.AppKey[T]) -> T:
+    """The app's state under `key`, or a clear error when its setup did not run."""
+    try:
+        return app[key]
+    except KeyError:
+        raise RuntimeError(f"{key!r} is not set up: was the app built by create_app?") from None
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The proxy application for `settings`."""
+    if settings.upstream.kind != "http":
+        raise ConfigError("upstream.kind", f"{settings.upstream.kind!r} is not available yet")
+    if settings.cache.volume.kind == "databricks":
+        raise ConfigError("cache.volume.kind", "'databricks' is not available yet")
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[IDENTITY] = IdentityResolver(settings.identity)
+    app[STATS] = CacheStats()
+    app[FLIGHTS] = Flights()
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_cache_tiers)
+    app.cleanup_ctx.append(_plugins)
+
+    app.router.add_get("/_proxy/health", health)
+    app.router.add_get(AUDIO_ROUTE, audio)
+    for path in settings.tts.speak_paths:
+        app.router.add_post(path, speak)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 while the process serves; never touches the upstream."""
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def speak(request: web.Request) -> web.StreamResponse:
+    """A POST to a speak path: the cache plugin decides."""
+    return await request.app[TTS_CACHE].handle(request)
+
+
+async def audio(request: web.Request) -> web.StreamResponse:
+    """The audio URL of a cached entry."""
+    return await request.app[AUDIO_URL].handle(request)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Everything else goes to the legacy backend untouched."""
+    app = request.app
+    headers = app[IDENTITY].forwardable_headers(request)
+    return await app[UPSTREAM].forward(request, headers)
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = get_state(app, SETTINGS)
+    session = client_session(settings.upstream)
+    app[UPSTREAM] = HttpUpstream(settings.upstream, session)
+    yield
+    await session.close()
+
+
+async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
+    settings = get_state(app, SETTINGS)
+    cache_settings = settings.cache
+    memory = MemoryTier(
+        max_bytes=cache_settings.memory.max_bytes,
+        ttl_seconds=cache_settings.memory.ttl_seconds,
+        max_entry_bytes=cache_settings.max_entry_bytes,
+    )
+    volume: Tier | None = None
+    cleanup: asyncio.Task[int] | None = None
+    if cache_settings.volume.kind == "local":
+        local = LocalVolume(cache_settings.volume.path, cache_settings.volume.prefix)
+        cleanup = asyncio.create_task(local.clean_leftovers())
+        volume = local
+    app[CACHE] = TieredCache(
+        memory, volume, timeout_seconds=cache_settings.volume.timeout_seconds, logger=log
+    )
+    yield
+    if cleanup is not None and not cleanup.done():
+        cleanup.cancel()
+    await get_state(app, FLIGHTS).aclose()
+    await app[CACHE].aclose()
+
+
+async def _plugins(app: web.Application) -> AsyncIterator[None]:
+    settings = get_state(app, SETTINGS)
+    upstream = get_state(app, UPSTREAM)
+    app[TTS_CACHE] = TtsCache(
+        settings=settings,
+        identity=app[IDENTITY],
+        cache=get_state(app, CACHE),
+        flights=app[FLIGHTS],
+        passthrough=upstream,
+        synthesizer=upstream,
+        stats=app[STATS],
+    )
+    app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE])
+    yield

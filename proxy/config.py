@@ -1,0 +1,380 @@
+"""Typed settings: defaults, then a TOML file, then `TTS_PROXY_*` environment overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX = "TTS_PROXY_"
+SECRET_KEYS = frozenset({"admin.token", "index.dsn", "index.password"})
+
+
+class ConfigError(Exception):
+    """A setting is wrong; `key` names it and the message says what is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the proxy listens and how it stops."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout_seconds: float = 30.0
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """The legacy backend and who synthesizes a speak miss."""
+
+    url: str = "http://127.0.0.1:8000"
+    kind: Literal["http", "replicate", "deepgram"] = "http"
+    fallback: str = ""
+    timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 5.0
+    max_connections: int = 200
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    """The /speak contract."""
+
+    speak_paths: list[str] = field(default_factory=lambda: ["/api/tts/speak"])
+    max_body_bytes: int = 1_048_576
+    default_voice: str = "af_nicole"
+    forward_save_to_volume: bool = False
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """Who is asking, and whom to believe."""
+
+    mode: Literal["forwarded", "header", "none"] = "forwarded"
+    user_header: str = "X-Forwarded-Email"
+    token_header: str = "X-Forwarded-Access-Token"
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The in-process LRU tier."""
+
+    max_bytes: int = 268_435_456
+    ttl_seconds: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """The durable tier."""
+
+    kind: Literal["local", "databricks", "none"] = "local"
+    path: str = "var/volume"
+    prefix: str = "tts_audio"
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Both tiers and what may enter them."""
+
+    max_entry_bytes: int = 16_777_216
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    volume: VolumeSettings = field(default_factory=VolumeSettings)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The optional PostgreSQL index."""
+
+    dsn: str = ""
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin API and pages."""
+
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the proxy."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    tts: TtsSettings = field(default_factory=TtsSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load defaults, then the TOML file, then the environment, then `overrides`; validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_toml(Path(path))
+    environ = os.environ if env is None else env
+    for dotted, raw in _env_values(environ).items():
+        _set_dotted(tree, dotted, raw)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    settings = typing.cast(Settings, _build(Settings, tree, ""))
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("--config", f"is a directory: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+
+
+def all_keys(cls: type[Any] = Settings, prefix: str = "") -> dict[str, type[Any]]:
+    """Every dotted key of the settings tree, with its declared type."""
+    keys: dict[str, type[Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        dotted = f"{prefix}{item.name}"
+        kind = hints[item.name]
+        if dataclasses.is_dataclass(kind):
+            keys.update(all_keys(typing.cast(type[Any], kind), dotted + "."))
+        else:
+            keys[dotted] = kind
+    return keys
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    by_env_name = {ENV_PREFIX + k.replace(".", "_").upper(): k for k in all_keys()}
+    found = {by_env_name[name]: value for name, value in environ.items() if name in by_env_name}
+    unknown = sorted(
+        name for name in environ if name.startswith(ENV_PREFIX) and name not in by_env_name
+    )
+    if unknown:
+        raise ConfigError(unknown[0], "unknown setting in the environment")
+    return found
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"{part} is not a table")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type[Any], table: Any, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix.rstrip("."), "expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {item.name for item in dataclasses.fields(cls)}
+    for name in table:
+        if name not in names:
+            raise ConfigError(f"{prefix}{name}", "unknown setting")
+    values: dict[str, Any] = {}
+    for name, raw in table.items():
+        kind = hints[name]
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(typing.cast(type[Any], kind), raw, dotted + ".")
+        else:
+            values[name] = _coerce(dotted, kind, raw)
+    return cls(**values)
+
+
+def _coerce(key: str, kind: Any, raw: Any) -> Any:
+    """Turn a TOML value or an environment string into `kind`, or say why not."""
+    from_env = isinstance(raw, str)
+    origin = get_origin(kind)
+    if origin is Literal:
+        allowed = get_args(kind)
+        if raw not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(key, f"must be one of {choices}, got {raw!r}")
+        return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_env and raw.strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_env and raw.strip().lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_env:
+            try:
+                return int(raw.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {raw!r}")
+    if kind is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if from_env:
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    if kind is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    if origin is list or isinstance(kind, types.GenericAlias):
+        return _coerce_list(key, raw)
+    raise ConfigError(key, f"unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _coerce_list(key: str, raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(key, f"expected a JSON list, got {raw!r}") from None
+        else:
+            raw = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ConfigError(key, f"expected a list of strings, got {raw!r}")
+    return list(raw)
+
+
+def _validate(settings: Settings) -> None:
+    server, upstream, tts, cache = settings.server, settings.upstream, settings.tts, settings.cache
+    if not 0 <= server.port <= 65535:
+        raise ConfigError("server.port", f"must be between 0 and 65535, got {server.port}")
+    _check_url("upstream.url", upstream.url)
+    if upstream.fallback not in {"", "replicate", "deepgram"}:
+        raise ConfigError(
+            "upstream.fallback", f"must be '', 'replicate' or 'deepgram', got {upstream.fallback!r}"
+        )
+    positive = {
+        "server.shutdown_timeout_seconds": server.shutdown_timeout_seconds,
+        "upstream.timeout_seconds": upstream.timeout_seconds,
+        "upstream.connect_timeout_seconds": upstream.connect_timeout_seconds,
+        "upstream.max_connections": upstream.max_connections,
+        "tts.max_body_bytes": tts.max_body_bytes,
+        "cache.max_entry_bytes": cache.max_entry_bytes,
+        "cache.volume.timeout_seconds": cache.volume.timeout_seconds,
+    }
+    for key, number in positive.items():
+        if number <= 0:
+            raise ConfigError(key, f"must be greater than 0, got {number}")
+    for key, number in {
+        "cache.memory.max_bytes": cache.memory.max_bytes,
+        "cache.memory.ttl_seconds": cache.memory.ttl_seconds,
+    }.items():
+        if number < 0:
+            raise ConfigError(key, f"must be 0 (off) or more, got {number}")
+    if not tts.speak_paths or not all(p.startswith("/") for p in tts.speak_paths):
+        raise ConfigError("tts.speak_paths", "must be a non-empty list of paths starting with /")
+    if not tts.default_voice:
+        raise ConfigError("tts.default_voice", "must not be empty")
+    for cidr in settings.identity.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "identity.trusted_proxies", f"not an address or CIDR: {cidr!r}"
+            ) from None
+    if settings.identity.mode != "none" and not settings.identity.user_header:
+        raise ConfigError("identity.user_header", "must name a header")
+    if cache.volume.kind != "none" and not cache.volume.path:
+        raise ConfigError("cache.volume.path", "must be set when cache.volume.kind is not 'none'")
+    if settings.index.dsn and not settings.index.dsn.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("index.dsn", "must start with postgresql:// or postgres://")
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(key, f"expected an http:// or https:// URL, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - parsing the port validates it
+    except ValueError:
+        raise ConfigError(key, f"bad port in URL {url!r}") from None
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as a nested dict, with secrets replaced by '***'."""
+    tree = dataclasses.asdict(settings)
+    for dotted in SECRET_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        if node.get(leaf):
+            node[leaf] = "***"
+    upstream = tree["upstream"]
+    upstream["url"] = _strip_userinfo(upstream["url"])
+    return tree
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def to_toml(tree: Mapping[str, Any], prefix: str = "") -> str:
+    """Render a nested settings dict as TOML (values, then sub-tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            tables.append((f"{prefix}{name}", value))
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    out = ""
+    if prefix and lines:
+        out += f"[{prefix.rstrip('.')}]\n"
+    if lines:
+        out += "\n".join(lines) + "\n\n"
+    for dotted, table in tables:
+        out += to_toml(table, dotted + ".")
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -1,0 +1,268 @@
+"""One upstream fill per key: its chunks stream to every request that joins it, and to the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from itertools import count
+
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.speak import CacheKey
+from proxy.storage.base import Entry, stored_header
+from proxy.upstreams.base import SpeakCall, Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+FlightKey = tuple[CacheKey, str, str | None]
+# Past the entry limit, a fill keeps at most this much unread by its slowest client.
+BACKLOG_BYTES = 4 * 1024 * 1024
+
+
+class FillBroken(Exception):
+    """The upstream body ended early: a client must not take what it got as complete."""
+
+
+class Fill:
+    """An upstream response being read once and shared by every request that joined it."""
+
+    def __init__(
+        self,
+        key: CacheKey,
+        call: SpeakCall,
+        *,
+        max_entry_bytes: int,
+        on_commit: Callable[[CacheKey, Entry], None],
+    ) -> None:
+        self.key = key
+        self.call = call
+        self.status = 0
+        self.reason: str | None = None
+        self.headers: CIMultiDictProxy[str] | CIMultiDict[str] = CIMultiDict()
+        self.error: UpstreamError | None = None
+        self.storable = False
+        self.store_allowed = True
+        self.joinable = True
+        self.stored = False
+        self.done = False
+        self.broken = False
+        self.received = 0
+        self.task: asyncio.Task[None] | None = None
+        self._max_entry_bytes = max_entry_bytes
+        self._on_commit = on_commit
+        self._chunks: list[bytes] = []
+        self._offset = 0
+        self._readers: dict[int, int] = {}
+        self._reader_ids = count()
+        self._ready = asyncio.Event()
+        self._wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._no_readers_hook: Callable[[], None] | None = None
+
+    def start(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
+        """Begin the upstream call in its own task, so no single client can cancel it."""
+        self.task = asyncio.create_task(self._run(upstream, on_end))
+
+    def reader(self) -> FillReader:
+        """A new reader from the first byte; only valid while the fill is joinable."""
+        if not self.joinable:
+            raise RuntimeError("fill is no longer joinable")
+        reader_id = next(self._reader_ids)
+        self._readers[reader_id] = 0
+        return FillReader(self, reader_id)
+
+    async def wait_ready(self) -> None:
+        """Wait for the upstream's status and headers, or its error."""
+        await self._ready.wait()
+
+    async def _run(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
+        response: UpstreamResponse | None = None
+        try:
+            try:
+                response = await upstream.open(self.call)
+            except UpstreamError as exc:
+                self.error = exc
+                return
+            self.status, self.reason, self.headers = (
+                response.status,
+                response.reason,
+                response.headers,
+            )
+            self.storable = self._storable_head()
+            self._ready.set()
+            await self._read_body(response)
+            if self.storable and not self.broken:
+                self._commit()
+        except asyncio.CancelledError:
+            self.broken = True
+            raise
+        except Exception:
+            log.exception("fill for key %s failed", self.key.digest())
+            self.broken = True
+            if not self._ready.is_set():
+                self.error = UpstreamError(502, "upstream failed")
+        finally:
+            if response is not None:
+                response.close()
+            self.done = True
+            self._ready.set()
+            self._notify()
+            on_end(self)
+
+    async def _read_body(self, response: UpstreamResponse) -> None:
+        try:
+            async for chunk in response.iter_chunks():
+                if not chunk:
+                    continue
+                self.received += len(chunk)
+                if self.received > self._max_entry_bytes and self.joinable:
+                    self.storable = False
+                    self.joinable = False
+                self._chunks.append(chunk)
+                self._notify()
+                if not self.storable and not self._readers:
+                    log.debug("fill %s: no client left and nothing to store", self.key.digest())
+                    self.broken = True
+                    return
+                if not self.joinable:
+                    self._trim()
+                    await self._wait_for_slow_readers()
+        except UpstreamError:
+            self.broken = True
+            return
+        expected = self.headers.get(hdrs.CONTENT_LENGTH)
+        if expected is not None and expected.isdigit() and int(expected) != self.received:
+            self.broken = True
+
+    def _storable_head(self) -> bool:
+        content_type = self.headers.get(hdrs.CONTENT_TYPE, "").lower()
+        encoding = self.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
+        length = self.headers.get(hdrs.CONTENT_LENGTH)
+        if self.status != 200 or not content_type.startswith("audio/"):
+            return False
+        if encoding != "identity":
+            return False
+        if length is not None and (not length.isdigit() or int(length) > self._max_entry_bytes):
+            return False
+        wanted = self.call.speak.provider
+        used = self.headers.get("X-TTS-Provider", "").strip().lower() or None
+        return not (wanted is not None and used != wanted)
+
+    def _commit(self) -> None:
+        if not self.store_allowed:
+            return
+        body = b"".join(self._chunks)
+        headers = tuple((k, v) for k, v in self.headers.items() if stored_header(k))
+        provider = self.headers.get("X-TTS-Provider") or self.call.speak.provider
+        entry = Entry.build(
+            body,
+            content_type=self.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream"),
+            text_sha256=self.call.speak.text_sha256(),
+            provider=provider.lower() if provider else None,
+            headers=headers,
+        )
+        self._on_commit(self.key, entry)
+        self.stored = True
+
+    def _notify(self) -> None:
+        wake, self._wake = self._wake, asyncio.get_running_loop().create_future()
+        wake.set_result(None)
+
+    def _trim(self) -> None:
+        lowest = min(self._readers.values(), default=self._offset + len(self._chunks))
+        drop = lowest - self._offset
+        if drop > 0:
+            del self._chunks[:drop]
+            self._offset = lowest
+
+    async def _wait_for_slow_readers(self) -> None:
+        while self._readers and sum(len(c) for c in self._chunks) > BACKLOG_BYTES:
+            await self._wake
+            self._trim()
+
+    async def _next_chunk(self, reader_id: int) -> bytes | None:
+        while True:
+            position = self._readers[reader_id]
+            index = position - self._offset
+            if index < len(self._chunks):
+                self._readers[reader_id] = position + 1
+                if not self.joinable:
+                    self._notify()
+                return self._chunks[index]
+            if self.done:
+                if self.broken:
+                    raise FillBroken()
+                return None
+            await self._wake
+
+    def _leave(self, reader_id: int) -> None:
+        self._readers.pop(reader_id, None)
+        self._notify()
+
+
+class FillReader:
+    """One client's position in a fill."""
+
+    def __init__(self, fill: Fill, reader_id: int) -> None:
+        self._fill = fill
+        self._id = reader_id
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while not self._closed:
+            chunk = await self._fill._next_chunk(self._id)
+            if chunk is None:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        """Stop reading; the fill goes on for the others and for the cache."""
+        if not self._closed:
+            self._closed = True
+            self._fill._leave(self._id)
+
+
+class Flights:
+    """The fills in progress, one per (key, text digest, provider)."""
+
+    def __init__(self) -> None:
+        self._fills: dict[FlightKey, Fill] = {}
+        self._all: set[Fill] = set()
+
+    def joinable(self, flight: FlightKey) -> Fill | None:
+        """The fill a new request for `flight` can join, if any."""
+        fill = self._fills.get(flight)
+        return fill if fill is not None and fill.joinable and not fill.done else None
+
+    def start(self, flight: FlightKey, fill: Fill, upstream: Upstream) -> None:
+        """Register `fill` under `flight` and start it."""
+        self._fills[flight] = fill
+        self._all.add(fill)
+
+        def on_end(ended: Fill) -> None:
+            if self._fills.get(flight) is ended:
+                del self._fills[flight]
+            self._all.discard(ended)
+
+        fill.start(upstream, on_end)
+
+    def cancel_store(self, predicate: Callable[[CacheKey], bool]) -> int:
+        """Forbid storing any in-flight fill whose key matches; returns how many."""
+        hit = [f for f in self._all if predicate(f.key)]
+        for fill in hit:
+            fill.store_allowed = False
+        return len(hit)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    async def aclose(self, grace_seconds: float = 5.0) -> None:
+        """Let fills in progress finish, then cancel what is left."""
+        tasks = [f.task for f in self._all if f.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,83 @@
+"""Who is asking, and whether to believe it."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import IdentitySettings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A user the proxy believes, and their on-behalf-of token when one came along."""
+
+    user: str
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Identity(user={self.user!r}, token={'***' if self.token else None})"
+
+
+class IdentityResolver:
+    """Reads identity headers, but only from trusted peers; strips them from others."""
+
+    def __init__(self, settings: IdentitySettings) -> None:
+        self.mode: Final = settings.mode
+        self.user_header: Final = settings.user_header
+        self.token_header: Final = settings.token_header
+        self._networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
+        )
+        headers = [settings.user_header, settings.token_header]
+        self._identity_headers: Final = tuple(h for h in headers if h)
+
+    def trusted_peer(self, request: web.BaseRequest) -> bool:
+        """True when the TCP peer is inside `identity.trusted_proxies`."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer:
+            return False
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self._networks)
+
+    def resolve(self, request: web.BaseRequest) -> Identity | None:
+        """The requesting user, or None when there is none to believe."""
+        if self.mode == "none" or not self.trusted_peer(request):
+            return None
+        user = request.headers.get(self.user_header, "").strip()
+        if not user:
+            return None
+        token = request.headers.get(self.token_header) if self.token_header else None
+        return Identity(user=user, token=token or None)
+
+    def forwardable_headers(
+        self, request: web.BaseRequest
+    ) -> CIMultiDictProxy[str] | CIMultiDict[str]:
+        """The request headers to pass upstream: identity headers dropped from untrusted peers."""
+        if self.trusted_peer(request):
+            return request.headers
+        present = [h for h in self._identity_headers if h in request.headers]
+        if not present:
+            return request.headers
+        return without(request.headers, present)
+
+
+def without(headers: CIMultiDictProxy[str], names: Iterable[str]) -> CIMultiDict[str]:
+    """A copy of `headers` with every header in `names` removed."""
+    copy = CIMultiDict(headers)
+    for name in names:
+        copy.popall(name, None)
+    return copy

@@ -1,0 +1,1 @@
+"""aiohttp middlewares and the cache plugin."""

@@ -1,0 +1,61 @@
+"""The audio URL: a cached entry served to its owner with Range, ETag and HEAD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+
+from proxy.identity import IdentityResolver
+from proxy.middleware.tts_cache import entry_headers
+from proxy.ranges import Unsatisfiable, etag_matches, parse_range
+from proxy.speak import CacheKey
+from proxy.storage.tiered import TieredCache
+from proxy.upstreams.http import json_error
+
+AUDIO_ROUTE = "/_proxy/audio/{thread}/{message}/{voice}"
+
+
+@dataclass(frozen=True)
+class AudioUrl:
+    """GET/HEAD of `/_proxy/audio/{thread}/{message}/{voice}` for the user who owns it."""
+
+    identity: IdentityResolver
+    cache: TieredCache
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve the entry, a range of it, or 304/404/416."""
+        identity = self.identity.resolve(request)
+        info = request.match_info
+        if identity is None:
+            return json_error(404, "no such audio")
+        key = CacheKey(identity.user, info["thread"], info["message"], info["voice"])
+        if not key.valid():
+            return json_error(404, "no such audio")
+        found = await self.cache.get(key)
+        if found is None:
+            return json_error(404, "no such audio")
+        entry, tier = found
+        headers = entry_headers(entry, tier)
+        headers[hdrs.ACCEPT_RANGES] = "bytes"
+        headers["X-TTS-Cache"] = "hit"
+        # Responses vary by who asks: shared caches must not reuse them across users.
+        headers[hdrs.CACHE_CONTROL] = "private, no-cache"
+        if etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), entry.meta.etag):
+            for name in (hdrs.CONTENT_TYPE, "Content-Language"):
+                headers.popall(name, None)
+            return web.Response(status=304, headers=headers)
+        range_header = request.headers.get(hdrs.RANGE)
+        if_range = request.headers.get(hdrs.IF_RANGE)
+        if if_range is not None and if_range.strip() != entry.meta.etag:
+            range_header = None
+        try:
+            wanted = parse_range(range_header, entry.meta.length)
+        except Unsatisfiable:
+            headers[hdrs.CONTENT_RANGE] = f"bytes */{entry.meta.length}"
+            return web.Response(status=416, headers=headers)
+        if wanted is None:
+            return web.Response(body=entry.body, headers=headers)
+        headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+        body = entry.body[wanted.first : wanted.last + 1]
+        return web.Response(status=206, body=body, headers=headers)

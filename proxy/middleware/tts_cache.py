@@ -1,0 +1,190 @@
+"""The speak interception: serve cacheable speak calls from the tiers, fill misses once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from proxy.config import Settings
+from proxy.fill import Fill, FillBroken, FlightKey, Flights
+from proxy.identity import IdentityResolver
+from proxy.speak import CacheKey, SpeakRequest, parse_json_object
+from proxy.stats import CacheStats
+from proxy.storage.base import Entry
+from proxy.storage.tiered import TieredCache
+from proxy.upstreams.base import SpeakCall, Upstream
+from proxy.upstreams.http import HttpUpstream, abort_connection, end_to_end, json_error
+
+log = logging.getLogger(__name__)
+
+CACHE_STATUS: Final = "tts-cache-proxy"
+DISABLED: Final = {"X-TTS-Cache": "disabled", "Cache-Status": f"{CACHE_STATUS}; fwd=bypass"}
+
+
+class BodyTooLarge(Exception):
+    """The request body is over tts.max_body_bytes."""
+
+
+@dataclass(frozen=True)
+class TtsCache:
+    """The speak handler: everything the interception needs, built once at start."""
+
+    settings: Settings
+    identity: IdentityResolver
+    cache: TieredCache
+    flights: Flights
+    passthrough: HttpUpstream
+    synthesizer: Upstream
+    stats: CacheStats
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
+        headers = self.identity.forwardable_headers(request)
+        if self.identity.mode == "none":
+            self.stats.disabled += 1
+            return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
+        # 1. the body, bounded
+        try:
+            body = await read_bounded(request, self.settings.tts.max_body_bytes)
+        except BodyTooLarge:
+            limit = self.settings.tts.max_body_bytes
+            return json_error(413, f"request body is larger than {limit} bytes")
+        # 2-4. what is asked, by whom, and whether it may be cached
+        document = parse_json_object(body)
+        identity = self.identity.resolve(request)
+        speak = key = None
+        if document is not None:
+            speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
+            key = speak.cache_key(identity.user if identity else None)
+        if document is None or speak is None or key is None:
+            self.stats.disabled += 1
+            return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
+        # 5-6. the tiers
+        text_sha = speak.text_sha256()
+        found = await self.cache.get(key)
+        if found is not None:
+            entry, tier = found
+            if entry.meta.text_sha256 == text_sha and (
+                speak.provider is None or entry.meta.provider == speak.provider
+            ):
+                self.stats.hits[tier] += 1
+                log.debug("hit %s in %s", key.digest(), tier)
+                return hit_response(key, entry, tier)
+        # 7. one fill per key
+        flight: FlightKey = (key, text_sha, speak.provider)
+        fill = self.flights.joinable(flight)
+        collapsed = fill is not None
+        if fill is None:
+            call = SpeakCall(
+                request=request,
+                body=self._upstream_body(body, document),
+                speak=speak,
+                identity=identity,
+                headers=headers,
+            )
+            fill = Fill(
+                key,
+                call,
+                max_entry_bytes=self.settings.cache.max_entry_bytes,
+                on_commit=self._commit,
+            )
+            reader_fill = fill
+            self.flights.start(flight, fill, self.synthesizer)
+            self.stats.misses += 1
+            self.stats.upstream_calls += 1
+            log.debug("miss %s: fill started", key.digest())
+        else:
+            reader_fill = fill
+            self.stats.coalesced += 1
+            log.debug("miss %s: joined a fill", key.digest())
+        return await stream_fill(request, reader_fill, key, collapsed=collapsed)
+
+    def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
+        if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
+            return body
+        trimmed = {k: v for k, v in document.items() if k != "save_to_volume"}
+        return json.dumps(trimmed, ensure_ascii=False).encode()
+
+    def _commit(self, key: CacheKey, entry: Entry) -> None:
+        self.stats.stored += 1
+        self.cache.put(key, entry)
+        log.debug("stored %s (%d bytes)", key.digest(), entry.meta.length)
+
+
+async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole request body, or BodyTooLarge as soon as it passes `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge()
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, str]:
+    """The headers that tell the client what the cache did, and where the audio lives."""
+    return {
+        "X-TTS-Cache": outcome,
+        "Cache-Status": cache_status,
+        "Content-Location": key.audio_path(),
+    }
+
+
+def entry_headers(entry: Entry, tier: str) -> CIMultiDict[str]:
+    """The stored headers of `entry` plus its validators and age."""
+    headers: CIMultiDict[str] = CIMultiDict(entry.meta.headers)
+    headers[hdrs.CONTENT_TYPE] = entry.meta.content_type
+    headers[hdrs.ETAG] = entry.meta.etag
+    headers[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+    headers["X-TTS-Cache-Tier"] = tier
+    return headers
+
+
+def hit_response(key: CacheKey, entry: Entry, tier: str) -> web.Response:
+    """The stored response, replayed."""
+    headers = entry_headers(entry, tier)
+    headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail={tier}"))
+    return web.Response(status=entry.meta.status, body=entry.body, headers=headers)
+
+
+async def stream_fill(
+    request: web.Request, fill: Fill, key: CacheKey, *, collapsed: bool
+) -> web.StreamResponse:
+    """Send one client the fill's response, chunk by chunk, from its first byte."""
+    reader = fill.reader()
+    try:
+        await fill.wait_ready()
+        status = f"{CACHE_STATUS}; fwd=uri-miss"
+        if collapsed:
+            status += "; collapsed"
+        if fill.storable:
+            status += "; stored"
+        ours = cache_headers(key, "miss", status)
+        if fill.error is not None:
+            return json_error(fill.error.status, fill.error.detail, headers=ours)
+        response = web.StreamResponse(status=fill.status, reason=fill.reason)
+        response.headers.extend(end_to_end(fill.headers))
+        response.headers.update(ours)
+        if hdrs.CONTENT_LENGTH not in fill.headers:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            async for chunk in reader:
+                await response.write(chunk)
+        except FillBroken:
+            abort_connection(request)
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        reader.close()

@@ -1,0 +1,1 @@
+"""Cache tiers: memory, Volume, and the tiered composition."""

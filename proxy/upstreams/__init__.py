@@ -1,0 +1,1 @@
+"""Who answers what the cache does not: the legacy backend, or a TTS provider."""
