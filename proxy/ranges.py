@@ -51,9 +51,9 @@ def parse_range(header: str | None, length: int) -> ByteRange | None:
     if not first_text.isdigit() or (last_text and not last_text.isdigit()):
         return None
     first = int(first_text)
-    last = int(last_text) if last_text else length - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         return None
+    last = int(last_text) if last_text else length - 1
     if first >= length:
         raise Unsatisfiable()
     return ByteRange(first, min(last, length - 1), length)

@@ -1,0 +1,154 @@
+"""TieredCache: memory, then the Volume; write-behind; a failing tier is logged and skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from proxy.speak import CacheKey
+from proxy.storage.base import Entry, Tier
+from proxy.storage.memory import MemoryTier
+
+T = TypeVar("T")
+
+
+class TieredCache:
+    """Reads through memory then the volume, promotes volume hits, writes the volume behind."""
+
+    def __init__(
+        self,
+        memory: MemoryTier | None,
+        volume: Tier | None,
+        *,
+        timeout_seconds: float,
+        logger: logging.Logger,
+    ) -> None:
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be greater than 0")
+        self.memory = memory
+        self.volume = volume
+        self.timeout_seconds = timeout_seconds
+        self.hits: Counter[str] = Counter()
+        self.misses = 0
+        self.errors: Counter[str] = Counter()
+        self._logger = logger
+        # One writer task per key, holding the strong reference the event loop does not keep.
+        # Later puts for a key wait in _queued, so volume writes land in put order and a burst
+        # of puts for one key costs one write after the one in flight.
+        self._writers: dict[CacheKey, asyncio.Task[None]] = {}
+        self._queued: dict[CacheKey, Entry] = {}
+
+    @property
+    def pending_writes(self) -> int:
+        """Keys whose volume write has not finished yet."""
+        return len(self._writers)
+
+    async def get(self, key: CacheKey) -> tuple[Entry, str] | None:
+        """The entry and the name of the tier that had it, or None on a miss."""
+        memory = self.memory
+        if memory is not None:
+            try:
+                entry = memory.get_nowait(key)
+            except Exception as exc:
+                self._failed(memory.name, "get", key, exc)
+            else:
+                if entry is not None:
+                    self.hits[memory.name] += 1
+                    return entry, memory.name
+        volume = self.volume
+        if volume is not None:
+            entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
+            if entry is not None:
+                self.hits[volume.name] += 1
+                self._logger.debug("cache volume hit %s", key.digest())
+                # A write still pending for this key carries a newer entry than the one read.
+                if key not in self._writers:
+                    self._memory_put(key, entry)
+                return entry, volume.name
+        self.misses += 1
+        return None
+
+    def put(self, key: CacheKey, entry: Entry) -> None:
+        """Store `entry` in memory now and schedule its volume write in the background."""
+        self._memory_put(key, entry)
+        volume = self.volume
+        if volume is None:
+            return
+        self._queued[key] = entry
+        if key in self._writers:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._write_behind(volume, key))
+        except RuntimeError as exc:
+            self._queued.pop(key, None)
+            self._failed(volume.name, "put", key, exc)
+            return
+        self._writers[key] = task
+
+    async def delete(self, key: CacheKey) -> None:
+        """Remove `key` from every tier, after any volume write already in flight for it."""
+        self._queued.pop(key, None)
+        memory = self.memory
+        if memory is not None:
+            await self._call(memory.name, "delete", key, lambda: memory.delete(key))
+        writer = self._writers.get(key)
+        if writer is not None:
+            await asyncio.wait([writer])
+        volume = self.volume
+        if volume is not None:
+            await self._call(volume.name, "delete", key, lambda: volume.delete(key))
+
+    async def drain(self) -> None:
+        """Wait until every scheduled volume write has finished (or failed and been counted)."""
+        while self._writers:
+            await asyncio.wait(list(self._writers.values()))
+
+    async def aclose(self) -> None:
+        """Finish pending writes, then close both tiers."""
+        await self.drain()
+        for tier in (self.memory, self.volume):
+            if tier is None:
+                continue
+            try:
+                await tier.aclose()
+            except Exception as exc:
+                self.errors[tier.name] += 1
+                self._logger.warning(
+                    "cache tier %s failed to close: %s", tier.name, type(exc).__name__
+                )
+
+    async def _write_behind(self, volume: Tier, key: CacheKey) -> None:
+        try:
+            while (entry := self._queued.pop(key, None)) is not None:
+                await self._call(volume.name, "put", key, lambda: volume.put(key, entry))
+        finally:
+            self._writers.pop(key, None)
+
+    async def _call(
+        self, tier: str, op: str, key: CacheKey, call: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                return await call()
+        except Exception as exc:
+            self._failed(tier, op, key, exc)
+            return None
+
+    def _memory_put(self, key: CacheKey, entry: Entry) -> None:
+        memory = self.memory
+        if memory is None:
+            return
+        try:
+            memory.put_nowait(key, entry)
+        except Exception as exc:
+            self._failed(memory.name, "put", key, exc)
+
+    def _failed(self, tier: str, op: str, key: CacheKey, exc: Exception) -> None:
+        self.errors[tier] += 1
+        # Only the exception's type: its message may carry a path built from the raw ids.
+        self._logger.warning(
+            "cache tier %s %s failed for key %s: %s", tier, op, key.digest(), type(exc).__name__
+        )

@@ -1,0 +1,330 @@
+"""LocalVolume on a real folder: layout, restarts, corruption, invalid keys, crash leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from proxy.speak import CacheKey
+from proxy.storage.base import Entry
+from proxy.storage.memory import MemoryTier
+from proxy.storage.tiered import TieredCache
+from proxy.storage.volume_local import LocalVolume, extension_for
+
+KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
+
+
+def entry(body: bytes = b"ID3 fake mp3 audio" * 100, content_type: str = "audio/mpeg") -> Entry:
+    return Entry.build(
+        body,
+        content_type=content_type,
+        text_sha256="ab" * 32,
+        provider="replicate",
+        headers=(("x-tts-provider", "replicate"),),
+        created_at=1_700_000_000.5,
+    )
+
+
+def folder(root: Path, key: CacheKey = KEY) -> Path:
+    return root / "tts_audio" / key.user / key.thread_id / key.message_id
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def anything_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def test_round_trip_uses_the_documented_layout(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    stored = entry()
+
+    await volume.put(KEY, stored)
+    found = await volume.get(KEY)
+
+    assert found == stored
+    assert files_under(tmp_path) == [
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json",
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.mp3",
+    ]
+    assert (folder(tmp_path) / "af_nicole.mp3").read_bytes() == stored.body
+    sidecar = json.loads((folder(tmp_path) / "af_nicole.meta.json").read_text())
+    assert sidecar["object"] == "af_nicole.mp3"
+    assert sidecar["key"] == {
+        "user": "alice@example.com",
+        "thread_id": "t-9",
+        "message_id": "m-123",
+        "voice": "af_nicole",
+    }
+    assert sidecar["body_sha256"] == stored.meta.body_sha256
+    assert sidecar["length"] == len(stored.body)
+
+
+async def test_missing_entry_is_a_miss(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    assert await volume.get(KEY) is None
+    await volume.delete(KEY)
+
+
+async def test_a_new_instance_on_the_same_root_finds_the_entry(tmp_path: Path) -> None:
+    stored = entry()
+    await LocalVolume(tmp_path, prefix="audio").put(KEY, stored)
+
+    restarted = LocalVolume(tmp_path, prefix="audio")
+
+    assert await restarted.get(KEY) == stored
+    assert await LocalVolume(tmp_path).get(KEY) is None  # another prefix is another tree
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "delete"])
+async def test_damaged_object_is_a_miss_and_removed(tmp_path: Path, damage: str) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    obj = folder(tmp_path) / "af_nicole.mp3"
+    data = bytearray(obj.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        obj.write_bytes(bytes(data))
+    elif damage == "truncate":
+        obj.write_bytes(bytes(data[:-1]))
+    elif damage == "extend":
+        obj.write_bytes(bytes(data) + b"\0")
+    else:
+        obj.unlink()
+
+    assert await volume.get(KEY) is None
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        b"",
+        b"{not json",
+        b"[]",
+        b"\xff\xfe",
+        b'{"content_type": "audio/mpeg"}',
+        b"[" * 100_000,
+    ],
+)
+async def test_malformed_sidecar_is_a_miss_and_removed(tmp_path: Path, sidecar: bytes) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    (folder(tmp_path) / "af_nicole.meta.json").write_bytes(sidecar)
+
+    assert await volume.get(KEY) is None
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"object": "../../../../../etc/passwd"},
+        {"object": "af_nicole.wav"},
+        {"key": {"user": "bob", "thread_id": "t-9", "message_id": "m-123", "voice": "af_nicole"}},
+        {"length": "12"},
+        {"headers": [[1, 2, 3]]},
+    ],
+)
+async def test_tampered_sidecar_is_a_miss(tmp_path: Path, change: dict[str, object]) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    path = folder(tmp_path) / "af_nicole.meta.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+    assert await volume.get(KEY) is None
+    assert files_under(tmp_path) == []
+
+
+BAD_IDS = ["../x", "..", "x" * 500, "a\0b", "a/b", "ünïcode", "", ".hidden", "a\\b", "a b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("field", ["user", "thread_id", "message_id", "voice"])
+async def test_invalid_keys_raise_and_touch_nothing(tmp_path: Path, field: str, bad: str) -> None:
+    root = tmp_path / "volume"
+    volume = LocalVolume(root)
+    parts = {"user": "alice", "thread_id": "t", "message_id": "m", "voice": "v"} | {field: bad}
+    key = CacheKey(**parts)
+
+    with pytest.raises(ValueError):
+        await volume.put(key, entry())
+    with pytest.raises(ValueError):
+        await volume.get(key)
+    with pytest.raises(ValueError):
+        await volume.delete(key)
+
+    assert anything_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_delete_prefix_refuses_invalid_ids(tmp_path: Path, bad: str) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(bad)
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(KEY.user, bad)
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(KEY.user, KEY.thread_id, bad)
+    assert await volume.get(KEY) is not None
+
+
+def test_invalid_prefix_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        LocalVolume(tmp_path, prefix="../elsewhere")
+
+
+async def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "volume"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "tts_audio").mkdir(parents=True)
+    (root / "tts_audio" / KEY.user).symlink_to(outside, target_is_directory=True)
+    volume = LocalVolume(root)
+
+    with pytest.raises(ValueError):
+        await volume.put(KEY, entry())
+    with pytest.raises(ValueError):
+        await volume.get(KEY)
+    assert anything_under(outside) == []
+
+
+async def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    here = folder(tmp_path)
+    (here / ".tmp-0123abcd").write_bytes(b"half an object")
+    (here.parent / ".tmp-deadbeef").write_bytes(b"")
+    (tmp_path / "tts_audio" / ".tmp-x").write_bytes(b"{")
+
+    assert await volume.clean_leftovers() == 3
+
+    assert await volume.get(KEY) == entry()
+    assert files_under(tmp_path) == [
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json",
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.mp3",
+    ]
+    assert await volume.clean_leftovers() == 0
+
+
+async def test_clean_leftovers_on_an_empty_root(tmp_path: Path) -> None:
+    assert await LocalVolume(tmp_path / "absent").clean_leftovers() == 0
+
+
+async def test_a_new_extension_replaces_the_old_object(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry(b"mp3 bytes"))
+    wav = entry(b"RIFF wav bytes", content_type="audio/wav")
+
+    await volume.put(KEY, wav)
+
+    assert await volume.get(KEY) == wav
+    assert sorted(p.name for p in folder(tmp_path).iterdir()) == [
+        "af_nicole.meta.json",
+        "af_nicole.wav",
+    ]
+
+
+async def test_overwrite_with_the_same_extension(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry(b"first"))
+    await volume.put(KEY, entry(b"second"))
+    found = await volume.get(KEY)
+    assert found is not None
+    assert found.body == b"second"
+    assert not [p for p in folder(tmp_path).iterdir() if p.name.startswith(".tmp-")]
+
+
+async def test_delete_removes_object_and_sidecar(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    other = CacheKey(KEY.user, KEY.thread_id, KEY.message_id, "am_adam")
+    await volume.put(KEY, entry())
+    await volume.put(other, entry(b"other voice"))
+
+    await volume.delete(KEY)
+
+    assert await volume.get(KEY) is None
+    assert await volume.get(other) is not None
+    assert sorted(p.name for p in folder(tmp_path).iterdir()) == [
+        "am_adam.meta.json",
+        "am_adam.mp3",
+    ]
+
+
+async def test_delete_prefix_removes_a_subtree(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    keys = [
+        CacheKey("alice", "t-1", "m-1", "v1"),
+        CacheKey("alice", "t-1", "m-1", "v2"),
+        CacheKey("alice", "t-1", "m-2", "v1"),
+        CacheKey("alice", "t-2", "m-3", "v1"),
+        CacheKey("bob", "t-1", "m-1", "v1"),
+    ]
+    for key in keys:
+        await volume.put(key, entry())
+
+    assert await volume.delete_prefix("alice", "t-1", "m-1") == 2
+    assert await volume.get(keys[0]) is None
+    assert await volume.get(keys[2]) is not None
+    assert await volume.delete_prefix("alice", "t-1") == 1
+    assert await volume.delete_prefix("alice") == 1
+    assert await volume.delete_prefix("alice") == 0
+    assert await volume.get(keys[4]) is not None
+    with pytest.raises(ValueError):
+        await volume.delete_prefix("alice", None, "m-1")
+
+
+async def test_concurrent_puts_and_gets_never_serve_or_lose_a_mix(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    versions = [
+        entry(bytes([n]) * 50_000, "audio/mpeg" if n % 2 else "audio/wav") for n in range(8)
+    ]
+    await volume.put(KEY, versions[0])
+
+    async def reader() -> None:
+        for _ in range(20):
+            found = await volume.get(KEY)
+            assert found is None or found in versions
+
+    writes = [volume.put(KEY, version) for version in versions[1:]]
+    await asyncio.gather(*writes, *(reader() for _ in range(4)))
+
+    # Readers racing writers must not have taken a fresh object for a corrupt one and removed it.
+    assert await volume.get(KEY) in versions[1:]
+
+
+def test_extension_for_content_types() -> None:
+    assert extension_for("audio/mpeg") == "mp3"
+    assert extension_for("Audio/WAV; charset=binary") == "wav"
+    assert extension_for("audio/x-wav") == "wav"
+    assert extension_for("audio/wave") == "wav"
+    assert extension_for("audio/ogg") == "ogg"
+    assert extension_for("audio/opus") == "opus"
+    assert extension_for("audio/flac") == "flac"
+    assert extension_for("audio/aac") == "aac"
+    assert extension_for("audio/webm") == "webm"
+    assert extension_for("application/octet-stream") == "bin"
+
+
+async def test_tiered_cache_over_a_real_volume_survives_a_restart(tmp_path: Path) -> None:
+    def tiers() -> TieredCache:
+        memory = MemoryTier(max_bytes=1_000_000, ttl_seconds=60, max_entry_bytes=100_000)
+        volume = LocalVolume(tmp_path)
+        return TieredCache(memory, volume, timeout_seconds=5, logger=logging.getLogger("test"))
+
+    first = tiers()
+    stored = entry()
+    first.put(KEY, stored)
+    await first.aclose()
+
+    second = tiers()
+    assert await second.get(KEY) == (stored, "volume")
+    assert await second.get(KEY) == (stored, "memory")
+    assert second.errors == {}

@@ -1,0 +1,120 @@
+"""Settings: defaults, the TOML file, the environment, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, Settings, all_keys, load_settings, redacted, to_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def test_default_toml_names_every_key_with_its_default() -> None:
+    documented = flatten(tomllib.loads((ROOT / "config/default.toml").read_text()))
+    defaults = flatten(dataclasses.asdict(Settings()))
+    assert set(documented) == set(all_keys())
+    assert documented == defaults
+
+
+def test_default_toml_comments_every_key() -> None:
+    for line in (ROOT / "config/default.toml").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            assert "#" in line, f"no comment on: {line}"
+
+
+@pytest.mark.parametrize("name", ["example.toml", "docker.toml"])
+def test_shipped_examples_load(name: str) -> None:
+    load_settings(ROOT / "config" / name, env={})
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9000\n[cache.memory]\nmax_bytes = 10\n")
+    settings = load_settings(
+        path,
+        env={
+            "TTS_PROXY_CACHE_MEMORY_MAX_BYTES": "2048",
+            "TTS_PROXY_TTS_SPEAK_PATHS": "/a, /b",
+            "TTS_PROXY_SERVER_ACCESS_LOG": "false",
+            "UNRELATED": "x",
+        },
+    )
+    assert settings.server.port == 9000
+    assert settings.cache.memory.max_bytes == 2048
+    assert settings.tts.speak_paths == ["/a", "/b"]
+    assert settings.server.access_log is False
+
+
+def test_environment_list_as_json() -> None:
+    settings = load_settings(env={"TTS_PROXY_IDENTITY_TRUSTED_PROXIES": '["10.0.0.0/8"]'})
+    assert settings.identity.trusted_proxies == ["10.0.0.0/8"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[server]\nport = "abc"\n', "server.port"),
+        ("[server]\nprot = 1\n", "server.prot"),
+        ('[upstream]\nurl = "ftp://x"\n', "upstream.url"),
+        ('[upstream]\nurl = "http://x:99999"\n', "upstream.url"),
+        ('[upstream]\nkind = "grpc"\n', "upstream.kind"),
+        ("[cache.memory]\nmax_bytes = -1\n", "cache.memory.max_bytes"),
+        ('[identity]\ntrusted_proxies = ["nope"]\n', "identity.trusted_proxies"),
+        ("[server]\naccess_log = 1\n", "server.access_log"),
+        ("server = 3\n", "server"),
+        ("[tts]\nspeak_paths = []\n", "tts.speak_paths"),
+        ("[nothing]\n", "nothing"),
+        ("[server\n", "--config"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert caught.value.key == key
+    assert str(caught.value).startswith(key)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings("/nonexistent/config.toml", env={})
+
+
+def test_bad_environment_value_and_unknown_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"TTS_PROXY_SERVER_PORT": "abc"})
+    assert caught.value.key == "server.port"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"TTS_PROXY_SERVER_PROT": "1"})
+    assert caught.value.key == "TTS_PROXY_SERVER_PROT"
+
+
+def test_redaction_hides_secrets() -> None:
+    settings = load_settings(
+        env={},
+        overrides={
+            "admin.token": "s3cret",
+            "index.dsn": "postgresql://u:pw@h/db",
+            "upstream.url": "http://user:pw@backend:8000",
+        },
+    )
+    text = to_toml(redacted(settings))
+    assert "s3cret" not in text and "pw" not in text
+    assert 'token = "***"' in text
+    assert "http://user:***@backend:8000" in text
+    assert tomllib.loads(text)["server"]["port"] == 8080
