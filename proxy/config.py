@@ -86,6 +86,10 @@ class VolumeSettings:
     path: str = "var/volume"
     prefix: str = "tts_audio"
     timeout_seconds: float = 10.0
+    auth: Literal["app", "user"] = "app"
+    retries: int = 2
+    failure_threshold: int = 5
+    cooldown_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ class IndexSettings:
     """The optional PostgreSQL index."""
 
     dsn: str = ""
+    schema: str = "tts_cache"
+    timeout_seconds: float = 2.0
+    pool_max_size: int = 10
+    verify_ownership: bool = False
+    ownership_query: str = "SELECT 1 FROM chat_messages WHERE message_id = $1 AND user_id = $2"
+    write_legacy_metadata: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final
 
@@ -13,6 +14,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import IdentitySettings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The on-behalf-of token of the request being served, for tiers that act as the user.
+# Tasks started while serving a request (write-behind) inherit it; it is never stored or logged.
+CURRENT_TOKEN: ContextVar[str | None] = ContextVar("tts_proxy_current_token", default=None)
 
 
 @dataclass(frozen=True, slots=True)
