@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -147,6 +148,7 @@ def load_settings(
     environ = os.environ if env is None else env
     for dotted, raw in _env_values(environ).items():
         _set_dotted(tree, dotted, raw)
+    _legacy_volume(tree, environ.get("DATABRICKS_VOLUME", ""))
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     settings = typing.cast(Settings, _build(Settings, tree, ""))
@@ -189,6 +191,15 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
     if unknown:
         raise ConfigError(unknown[0], "unknown setting in the environment")
     return found
+
+
+def _legacy_volume(tree: dict[str, Any], legacy: str) -> None:
+    """DATABRICKS_VOLUME, as the legacy backend read it, when nothing more specific is set."""
+    volume = tree.get("cache", {}).get("volume", {})
+    if not legacy.strip() or not isinstance(volume, dict) or "kind" in volume or "path" in volume:
+        return
+    _set_dotted(tree, "cache.volume.kind", "databricks")
+    _set_dotted(tree, "cache.volume.path", legacy.strip().rstrip("/"))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -298,6 +309,10 @@ def _validate(settings: Settings) -> None:
         "tts.max_body_bytes": tts.max_body_bytes,
         "cache.max_entry_bytes": cache.max_entry_bytes,
         "cache.volume.timeout_seconds": cache.volume.timeout_seconds,
+        "cache.volume.failure_threshold": cache.volume.failure_threshold,
+        "cache.volume.cooldown_seconds": cache.volume.cooldown_seconds,
+        "index.timeout_seconds": settings.index.timeout_seconds,
+        "index.pool_max_size": settings.index.pool_max_size,
     }
     for key, number in positive.items():
         if number <= 0:
@@ -305,6 +320,7 @@ def _validate(settings: Settings) -> None:
     for key, number in {
         "cache.memory.max_bytes": cache.memory.max_bytes,
         "cache.memory.ttl_seconds": cache.memory.ttl_seconds,
+        "cache.volume.retries": cache.volume.retries,
     }.items():
         if number < 0:
             raise ConfigError(key, f"must be 0 (off) or more, got {number}")
@@ -323,8 +339,19 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("identity.user_header", "must name a header")
     if cache.volume.kind != "none" and not cache.volume.path:
         raise ConfigError("cache.volume.path", "must be set when cache.volume.kind is not 'none'")
-    if settings.index.dsn and not settings.index.dsn.startswith(("postgres://", "postgresql://")):
+    index = settings.index
+    if index.dsn and not index.dsn.startswith(("postgres://", "postgresql://")):
         raise ConfigError("index.dsn", "must start with postgresql:// or postgres://")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", index.schema):
+        raise ConfigError(
+            "index.schema", f"must be a lower-case SQL identifier, got {index.schema!r}"
+        )
+    if "$1" not in index.ownership_query or "$2" not in index.ownership_query:
+        raise ConfigError("index.ownership_query", "must use $1 (message id) and $2 (user)")
+    if cache.volume.kind == "databricks" and not cache.volume.path.startswith("/Volumes/"):
+        raise ConfigError(
+            "cache.volume.path", "must be /Volumes/<catalog>/<schema>/<volume> for databricks"
+        )
 
 
 def _check_url(key: str, url: str) -> None:

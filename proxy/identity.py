@@ -41,8 +41,14 @@ class IdentityResolver:
         self._networks: tuple[Network, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
         )
-        headers = [settings.user_header, settings.token_header]
-        self._identity_headers: Final = tuple(h for h in headers if h)
+        # An untrusted peer may claim neither an identity nor a scheme or host for the backend.
+        headers = [
+            settings.user_header,
+            settings.token_header,
+            "X-Forwarded-Proto",
+            "X-Forwarded-Host",
+        ]
+        self._untrusted_drop: Final = tuple(h for h in headers if h)
 
     def trusted_peer(self, request: web.BaseRequest) -> bool:
         """True when the TCP peer is inside `identity.trusted_proxies`."""
@@ -74,7 +80,7 @@ class IdentityResolver:
         """The request headers to pass upstream: identity headers dropped from untrusted peers."""
         if self.trusted_peer(request):
             return request.headers
-        present = [h for h in self._identity_headers if h in request.headers]
+        present = [h for h in self._untrusted_drop if h in request.headers]
         if not present:
             return request.headers
         return without(request.headers, present)

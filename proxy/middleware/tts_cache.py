@@ -19,7 +19,7 @@ from proxy.stats import CacheStats
 from proxy.storage.base import Entry
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.base import SpeakCall, Upstream
-from proxy.upstreams.http import HttpUpstream, abort_connection, end_to_end, json_error
+from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end, json_error
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ async def stream_fill(
             return json_error(fill.error.status, fill.error.detail, headers=ours)
         response = web.StreamResponse(status=fill.status, reason=fill.reason)
         response.headers.extend(end_to_end(fill.headers))
+        response.headers.add(hdrs.VIA, VIA)
         response.headers.update(ours)
         if hdrs.CONTENT_LENGTH not in fill.headers:
             response.enable_chunked_encoding()

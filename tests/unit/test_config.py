@@ -118,3 +118,29 @@ def test_redaction_hides_secrets() -> None:
     assert 'token = "***"' in text
     assert "http://user:***@backend:8000" in text
     assert tomllib.loads(text)["server"]["port"] == 8080
+
+
+def test_legacy_databricks_volume_variable(tmp_path: Path) -> None:
+    settings = load_settings(env={"DATABRICKS_VOLUME": "/Volumes/main/chat/tts/"})
+    assert settings.cache.volume.kind == "databricks"
+    assert settings.cache.volume.path == "/Volumes/main/chat/tts"
+    assert settings.cache.volume.prefix == "tts_audio"  # the legacy layout's folder
+    path = tmp_path / "c.toml"
+    path.write_text('[cache.volume]\nkind = "local"\npath = "/srv/v"\n')
+    explicit = load_settings(path, env={"DATABRICKS_VOLUME": "/Volumes/main/chat/tts/"})
+    assert explicit.cache.volume.kind == "local"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("index.schema", "Robert'); DROP TABLE x;--"),
+        ("index.ownership_query", "SELECT 1"),
+        ("cache.volume.failure_threshold", 0),
+        ("cache.volume.retries", -1),
+    ],
+)
+def test_index_and_volume_validation(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, overrides={key: value})
+    assert caught.value.key == key
