@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LINTED := proxy tests $(wildcard bench)
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck pytest system-deps clean
@@ -12,8 +13,8 @@ run: $(STAMP)
 test: $(STAMP) system-deps lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict proxy
