@@ -430,3 +430,20 @@ def test_fake_audio_differs_per_text_and_voice() -> None:
 
 def test_tests_keep_disk_state_out_of_the_tree() -> None:
     assert not os.path.exists(Path(__file__).parents[2] / "var" / "volume" / "tts_audio" / "t")
+
+
+async def test_header_identity_mode_uses_the_named_header(
+    aiohttp_client: Any, legacy_backend: FakeLegacyBackend, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        legacy_backend.url,
+        **{"identity.mode": "header", "identity.user_header": "X-Auth-User"},
+    )
+    client = await start(aiohttp_client, settings)
+    _, headers, _ = await speak(client, body(), headers={"X-Auth-User": "dana"})
+    assert headers["X-TTS-Cache"] == "miss"
+    _, headers, _ = await speak(client, body(), headers={"X-Auth-User": "dana"})
+    assert headers["X-TTS-Cache"] == "hit"
+    _, headers, _ = await speak(client, body(), headers=ALICE)  # not the configured header
+    assert headers["X-TTS-Cache"] == "disabled"
