@@ -49,6 +49,13 @@ class UpstreamSettings:
     timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 5.0
     max_connections: int = 200
+    provider_timeout_seconds: float = 30.0
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_model: str = (
+        "jaaari/kokoro-82m:f559560eb822dc509045f3921a1921234918b91739db4bf3daab2169b71c7a13"
+    )
+    deepgram_base_url: str = "https://api.deepgram.com"
+    deepgram_encoding: str = "mp3"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class TtsSettings:
     max_body_bytes: int = 1_048_576
     default_voice: str = "af_nicole"
     forward_save_to_volume: bool = False
+    clean_text: Literal["none", "basic"] = "basic"
 
 
 @dataclass(frozen=True)
@@ -297,6 +305,10 @@ def _validate(settings: Settings) -> None:
     if not 0 <= server.port <= 65535:
         raise ConfigError("server.port", f"must be between 0 and 65535, got {server.port}")
     _check_url("upstream.url", upstream.url)
+    _check_url("upstream.replicate_base_url", upstream.replicate_base_url)
+    _check_url("upstream.deepgram_base_url", upstream.deepgram_base_url)
+    if upstream.fallback and upstream.fallback == upstream.kind:
+        raise ConfigError("upstream.fallback", "must differ from upstream.kind")
     if upstream.fallback not in {"", "replicate", "deepgram"}:
         raise ConfigError(
             "upstream.fallback", f"must be '', 'replicate' or 'deepgram', got {upstream.fallback!r}"
@@ -306,6 +318,7 @@ def _validate(settings: Settings) -> None:
         "upstream.timeout_seconds": upstream.timeout_seconds,
         "upstream.connect_timeout_seconds": upstream.connect_timeout_seconds,
         "upstream.max_connections": upstream.max_connections,
+        "upstream.provider_timeout_seconds": upstream.provider_timeout_seconds,
         "tts.max_body_bytes": tts.max_body_bytes,
         "cache.max_entry_bytes": cache.max_entry_bytes,
         "cache.volume.timeout_seconds": cache.volume.timeout_seconds,
