@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
 from aiohttp import web
 
 from proxy import __version__
-from proxy.config import ConfigError, Settings
+from proxy.config import ConfigError, IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
 from proxy.middleware.tts_cache import TtsCache
+from proxy.ownership import OwnershipCheck
+from proxy.speak import CacheKey
 from proxy.stats import CacheStats
-from proxy.storage.base import Tier
+from proxy.storage.base import Entry, Tier
+from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_local import LocalVolume
@@ -30,6 +34,8 @@ STATS: Final = web.AppKey("stats", CacheStats)
 FLIGHTS: Final = web.AppKey("flights", Flights)
 UPSTREAM: Final = web.AppKey("upstream", HttpUpstream)
 CACHE: Final = web.AppKey("cache", TieredCache)
+INDEX: Final = web.AppKey("index", PostgresIndex)
+VOLUME: Final = web.AppKey("volume", Tier)
 TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 
@@ -56,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATS] = CacheStats()
     app[FLIGHTS] = Flights()
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
     app.cleanup_ctx.append(_plugins)
 
@@ -111,8 +118,15 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         local = LocalVolume(cache_settings.volume.path, cache_settings.volume.prefix)
         cleanup = asyncio.create_task(local.clean_leftovers())
         volume = local
+    if volume is not None:
+        app[VOLUME] = volume
+    index = app.get(INDEX)
     app[CACHE] = TieredCache(
-        memory, volume, timeout_seconds=cache_settings.volume.timeout_seconds, logger=log
+        memory,
+        volume,
+        timeout_seconds=cache_settings.volume.timeout_seconds,
+        logger=log,
+        after_volume_write=_recorder(settings, volume, index) if index and volume else None,
     )
     yield
     if cleanup is not None and not cleanup.done():
@@ -121,9 +135,51 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
     await app[CACHE].aclose()
 
 
+async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
+    settings = get_state(app, SETTINGS).index
+    if not index_enabled(settings, os.environ):
+        if settings.verify_ownership:
+            log.warning("index.verify_ownership is on without an index: nothing will be cached")
+        yield
+        return
+    index = PostgresIndex.from_settings(settings, password=_index_password(settings))
+    await index.start()
+    app[INDEX] = index
+    yield
+    await index.aclose()
+
+
+def _index_password(settings: IndexSettings) -> Password | None:
+    if settings.password_from == "databricks":
+        from proxy.databricks_auth import lakebase_password
+
+        return lakebase_password
+    return settings.password or None
+
+
+def _recorder(
+    settings: Settings, volume: Tier, index: PostgresIndex
+) -> Callable[[CacheKey, Entry], Awaitable[None]]:
+    """After a Volume write: the index row, and the legacy metadata where configured."""
+    locate = getattr(volume, "location", None)
+
+    async def record(key: CacheKey, entry: Entry) -> None:
+        path = locate(key, entry.meta.content_type) if locate else ""
+        await index.record(key, entry.meta, path)
+        if settings.index.write_legacy_metadata:
+            await index.write_legacy_metadata(key, path, entry.meta.provider, entry.meta.created_at)
+
+    return record
+
+
 async def _plugins(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     upstream = get_state(app, UPSTREAM)
+    ownership = (
+        OwnershipCheck(app.get(INDEX), cache_seconds=settings.index.ownership_cache_seconds)
+        if settings.index.verify_ownership
+        else None
+    )
     app[TTS_CACHE] = TtsCache(
         settings=settings,
         identity=app[IDENTITY],
@@ -132,6 +188,8 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         passthrough=upstream,
         synthesizer=upstream,
         stats=app[STATS],
+        index=app.get(INDEX),
+        ownership=ownership,
     )
-    app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE])
+    app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield

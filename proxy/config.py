@@ -115,10 +115,13 @@ class IndexSettings:
     """The optional PostgreSQL index."""
 
     dsn: str = ""
+    password: str = ""
+    password_from: Literal["config", "databricks"] = "config"
     schema: str = "tts_cache"
     timeout_seconds: float = 2.0
     pool_max_size: int = 10
     verify_ownership: bool = False
+    ownership_cache_seconds: float = 30.0
     ownership_query: str = "SELECT 1 FROM chat_messages WHERE message_id = $1 AND user_id = $2"
     write_legacy_metadata: bool = False
 
@@ -334,6 +337,7 @@ def _validate(settings: Settings) -> None:
         "cache.memory.max_bytes": cache.memory.max_bytes,
         "cache.memory.ttl_seconds": cache.memory.ttl_seconds,
         "cache.volume.retries": cache.volume.retries,
+        "index.ownership_cache_seconds": settings.index.ownership_cache_seconds,
     }.items():
         if number < 0:
             raise ConfigError(key, f"must be 0 (off) or more, got {number}")

@@ -25,6 +25,7 @@ from pytest_aiohttp import AiohttpClient
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
 from tests.fakes import FakeLegacyBackend
+from tests.pg import postgres_dsn, postgres_server  # noqa: F401 - fixtures for every test
 
 REPO_VAR = Path(__file__).resolve().parent.parent / "var"
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 
-from proxy.identity import IdentityResolver
+from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.middleware.tts_cache import entry_headers
+from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
 from proxy.speak import CacheKey
 from proxy.storage.tiered import TieredCache
@@ -22,6 +23,7 @@ class AudioUrl:
 
     identity: IdentityResolver
     cache: TieredCache
+    ownership: OwnershipCheck | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve the entry, a range of it, or 304/404/416."""
@@ -32,6 +34,9 @@ class AudioUrl:
         key = CacheKey(identity.user, info["thread"], info["message"], info["voice"])
         if not key.valid():
             return json_error(404, "no such audio")
+        if self.ownership is not None and not await self.ownership.allows(key):
+            return json_error(404, "no such audio")
+        CURRENT_TOKEN.set(identity.token)
         found = await self.cache.get(key)
         if found is None:
             return json_error(404, "no such audio")

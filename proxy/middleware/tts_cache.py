@@ -13,10 +13,12 @@ from multidict import CIMultiDict
 
 from proxy.config import Settings
 from proxy.fill import Fill, FillBroken, FlightKey, Flights
-from proxy.identity import IdentityResolver
+from proxy.identity import CURRENT_TOKEN, IdentityResolver
+from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry
+from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end, json_error
@@ -42,6 +44,8 @@ class TtsCache:
     passthrough: HttpUpstream
     synthesizer: Upstream
     stats: CacheStats
+    index: PostgresIndex | None = None
+    ownership: OwnershipCheck | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
@@ -62,9 +66,12 @@ class TtsCache:
         if document is not None:
             speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
             key = speak.cache_key(identity.user if identity else None)
+        if key is not None and self.ownership is not None and not await self.ownership.allows(key):
+            key = None  # fail closed: what cannot be verified is neither served nor stored
         if document is None or speak is None or key is None:
             self.stats.disabled += 1
             return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
+        CURRENT_TOKEN.set(identity.token if identity else None)
         # 5-6. the tiers
         text_sha = speak.text_sha256()
         found = await self.cache.get(key)
@@ -74,6 +81,8 @@ class TtsCache:
                 speak.provider is None or entry.meta.provider == speak.provider
             ):
                 self.stats.hits[tier] += 1
+                if self.index is not None:
+                    await self.index.touch(key)
                 log.debug("hit %s in %s", key.digest(), tier)
                 return hit_response(key, entry, tier)
         # 7. one fill per key

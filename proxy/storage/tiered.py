@@ -13,6 +13,7 @@ from proxy.storage.base import Entry, Tier
 from proxy.storage.memory import MemoryTier
 
 T = TypeVar("T")
+AfterVolumeWrite = Callable[[CacheKey, Entry], Awaitable[None]]
 
 
 class TieredCache:
@@ -25,6 +26,7 @@ class TieredCache:
         *,
         timeout_seconds: float,
         logger: logging.Logger,
+        after_volume_write: AfterVolumeWrite | None = None,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be greater than 0")
@@ -35,6 +37,7 @@ class TieredCache:
         self.misses = 0
         self.errors: Counter[str] = Counter()
         self._logger = logger
+        self._after_volume_write = after_volume_write
         # One writer task per key, holding the strong reference the event loop does not keep.
         # Later puts for a key wait in _queued, so volume writes land in put order and a burst
         # of puts for one key costs one write after the one in flight.
@@ -123,7 +126,11 @@ class TieredCache:
     async def _write_behind(self, volume: Tier, key: CacheKey) -> None:
         try:
             while (entry := self._queued.pop(key, None)) is not None:
-                await self._call(volume.name, "put", key, lambda: volume.put(key, entry))
+                written = await self._call(
+                    volume.name, "put", key, lambda: _done(volume.put(key, entry))
+                )
+                if written and self._after_volume_write is not None:
+                    await self._notify_written(key, entry)
         finally:
             self._writers.pop(key, None)
 
@@ -136,6 +143,13 @@ class TieredCache:
         except Exception as exc:
             self._failed(tier, op, key, exc)
             return None
+
+    async def _notify_written(self, key: CacheKey, entry: Entry) -> None:
+        assert self._after_volume_write is not None
+        try:
+            await self._after_volume_write(key, entry)
+        except Exception as exc:
+            self._failed("index", "record", key, exc)
 
     def _memory_put(self, key: CacheKey, entry: Entry) -> None:
         memory = self.memory
@@ -152,3 +166,9 @@ class TieredCache:
         self._logger.warning(
             "cache tier %s %s failed for key %s: %s", tier, op, key.digest(), type(exc).__name__
         )
+
+
+async def _done(write: Awaitable[None]) -> bool:
+    """True once `write` has finished without raising."""
+    await write
+    return True

@@ -61,6 +61,12 @@ class LocalVolume:
         # remove both as corrupt), and a cancelled await does not release a lock a thread holds.
         self._stripes = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
 
+    def location(self, key: CacheKey, content_type: str) -> str:
+        """Where the object for `key` lives (what the index and legacy metadata record)."""
+        _require_valid(key)
+        folder = self._folder(key.user, key.thread_id, key.message_id)
+        return str(folder / f"{key.voice}.{extension_for(content_type)}")
+
     async def get(self, key: CacheKey) -> Entry | None:
         """The entry under `key`, or None; a corrupt or malformed entry is removed and missed."""
         _require_valid(key)
