@@ -23,6 +23,7 @@ from proxy.storage.base import Entry, Tier
 from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
+from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 from proxy.upstreams.http import HttpUpstream, client_session
 
@@ -54,8 +55,6 @@ def create_app(settings: Settings) -> web.Application:
     """The proxy application for `settings`."""
     if settings.upstream.kind != "http":
         raise ConfigError("upstream.kind", f"{settings.upstream.kind!r} is not available yet")
-    if settings.cache.volume.kind == "databricks":
-        raise ConfigError("cache.volume.kind", "'databricks' is not available yet")
     app = web.Application()
     app[SETTINGS] = settings
     app[IDENTITY] = IdentityResolver(settings.identity)
@@ -118,6 +117,8 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         local = LocalVolume(cache_settings.volume.path, cache_settings.volume.prefix)
         cleanup = asyncio.create_task(local.clean_leftovers())
         volume = local
+    elif cache_settings.volume.kind == "databricks":
+        volume = DatabricksVolume(cache_settings.volume)
     if volume is not None:
         app[VOLUME] = volume
     index = app.get(INDEX)

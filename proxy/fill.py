@@ -167,7 +167,9 @@ class Fill:
 
     def _notify(self) -> None:
         wake, self._wake = self._wake, asyncio.get_running_loop().create_future()
-        wake.set_result(None)
+        # A reader cancelled while awaiting the future cancels it too.
+        if not wake.done():
+            wake.set_result(None)
 
     def _trim(self) -> None:
         lowest = min(self._readers.values(), default=self._offset + len(self._chunks))
@@ -178,7 +180,7 @@ class Fill:
 
     async def _wait_for_slow_readers(self) -> None:
         while self._readers and sum(len(c) for c in self._chunks) > BACKLOG_BYTES:
-            await self._wake
+            await asyncio.shield(self._wake)
             self._trim()
 
     async def _next_chunk(self, reader_id: int) -> bytes | None:
@@ -194,7 +196,7 @@ class Fill:
                 if self.broken:
                     raise FillBroken()
                 return None
-            await self._wake
+            await asyncio.shield(self._wake)
 
     def _leave(self, reader_id: int) -> None:
         self._readers.pop(reader_id, None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
-from proxy.middleware.tts_cache import entry_headers
+from proxy.middleware.tts_cache import meta_headers
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
 from proxy.speak import CacheKey
@@ -41,7 +41,7 @@ class AudioUrl:
         if found is None:
             return json_error(404, "no such audio")
         entry, tier = found
-        headers = entry_headers(entry, tier)
+        headers = meta_headers(entry.meta, tier)
         headers[hdrs.ACCEPT_RANGES] = "bytes"
         headers["X-TTS-Cache"] = "hit"
         # Responses vary by who asks: shared caches must not reuse them across users.

@@ -17,7 +17,7 @@ from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
-from proxy.storage.base import Entry
+from proxy.storage.base import Entry, EntryMeta, EntryStream
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.base import SpeakCall, Upstream
@@ -74,17 +74,29 @@ class TtsCache:
         CURRENT_TOKEN.set(identity.token if identity else None)
         # 5-6. the tiers
         text_sha = speak.text_sha256()
-        found = await self.cache.get(key)
-        if found is not None:
-            entry, tier = found
-            if entry.meta.text_sha256 == text_sha and (
-                speak.provider is None or entry.meta.provider == speak.provider
-            ):
-                self.stats.hits[tier] += 1
-                if self.index is not None:
-                    await self.index.touch(key)
-                log.debug("hit %s in %s", key.digest(), tier)
-                return hit_response(key, entry, tier)
+
+        def matches(meta: EntryMeta) -> bool:
+            return meta.text_sha256 == text_sha and (
+                speak.provider is None or meta.provider == speak.provider
+            )
+
+        entry = self.cache.get_memory(key)
+        tier = "memory"
+        if entry is None:
+            tier = "volume"
+            found = await self.cache.open_volume(key)
+            if isinstance(found, Entry):
+                entry = found
+            elif found is not None:
+                if matches(found.meta):
+                    return await self._stream_hit(request, key, found)
+                await found.aclose()
+        if entry is not None and matches(entry.meta):
+            self.stats.hits[tier] += 1
+            if self.index is not None:
+                await self.index.touch(key)
+            log.debug("hit %s in %s", key.digest(), tier)
+            return hit_response(key, entry, tier)
         # 7. one fill per key
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
@@ -113,6 +125,36 @@ class TtsCache:
             self.stats.coalesced += 1
             log.debug("miss %s: joined a fill", key.digest())
         return await stream_fill(request, reader_fill, key, collapsed=collapsed)
+
+    async def _stream_hit(
+        self, request: web.Request, key: CacheKey, stream: EntryStream
+    ) -> web.StreamResponse:
+        """A Volume hit sent as it is read; copied into memory once it ended intact."""
+        self.stats.hits["volume"] += 1
+        if self.index is not None:
+            await self.index.touch(key)
+        meta = stream.meta
+        response = web.StreamResponse(status=meta.status, headers=meta_headers(meta, "volume"))
+        response.headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail=volume"))
+        response.content_length = meta.length
+        parts: list[bytes] = []
+        try:
+            await response.prepare(request)
+            async for chunk in stream:
+                parts.append(chunk)
+                await response.write(chunk)
+        except ConnectionError:
+            return response  # the client left; nothing wrong with the entry
+        except Exception as exc:
+            self.cache.count_error("volume", "stream", key, exc)
+            abort_connection(request)
+            return response
+        finally:
+            await stream.aclose()
+        await response.write_eof()
+        self.cache.promote(key, Entry(meta, b"".join(parts)))
+        log.debug("hit %s streamed from the volume", key.digest())
+        return response
 
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
         if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
@@ -149,19 +191,19 @@ def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, s
     }
 
 
-def entry_headers(entry: Entry, tier: str) -> CIMultiDict[str]:
-    """The stored headers of `entry` plus its validators and age."""
-    headers: CIMultiDict[str] = CIMultiDict(entry.meta.headers)
-    headers[hdrs.CONTENT_TYPE] = entry.meta.content_type
-    headers[hdrs.ETAG] = entry.meta.etag
-    headers[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+def meta_headers(meta: EntryMeta, tier: str) -> CIMultiDict[str]:
+    """The stored headers of an entry plus its validators and age."""
+    headers: CIMultiDict[str] = CIMultiDict(meta.headers)
+    headers[hdrs.CONTENT_TYPE] = meta.content_type
+    headers[hdrs.ETAG] = meta.etag
+    headers[hdrs.AGE] = str(max(0, int(time.time() - meta.created_at)))
     headers["X-TTS-Cache-Tier"] = tier
     return headers
 
 
 def hit_response(key: CacheKey, entry: Entry, tier: str) -> web.Response:
     """The stored response, replayed."""
-    headers = entry_headers(entry, tier)
+    headers = meta_headers(entry.meta, tier)
     headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail={tier}"))
     return web.Response(status=entry.meta.status, body=entry.body, headers=headers)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,3 +136,27 @@ class Tier(Protocol):
 
     async def aclose(self) -> None:
         """Release what the tier holds open."""
+
+
+class EntryStream(Protocol):
+    """A stored entry whose body arrives in chunks, checked as it goes (a streamed Volume hit)."""
+
+    @property
+    def meta(self) -> EntryMeta:
+        """The entry's metadata, known before the first byte."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """The body; raises rather than yield a final chunk that fails the integrity check."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop reading and release the connection."""
+
+
+class StreamingTier(Tier, Protocol):
+    """A tier that can also stream a hit."""
+
+    async def open(self, key: CacheKey) -> EntryStream | None:
+        """The entry under `key` as a stream, or None."""
+        ...

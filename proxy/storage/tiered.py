@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry, Tier
+from proxy.storage.base import Entry, EntryStream, Tier
 from proxy.storage.memory import MemoryTier
 
 T = TypeVar("T")
@@ -73,6 +73,45 @@ class TieredCache:
                 return entry, volume.name
         self.misses += 1
         return None
+
+    def get_memory(self, key: CacheKey) -> Entry | None:
+        """The memory tier's entry, without awaiting: the hot path."""
+        memory = self.memory
+        if memory is None:
+            return None
+        try:
+            entry = memory.get_nowait(key)
+        except Exception as exc:
+            self._failed(memory.name, "get", key, exc)
+            return None
+        if entry is not None:
+            self.hits[memory.name] += 1
+        return entry
+
+    async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
+        """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
+        volume = self.volume
+        if volume is None:
+            return None
+        opener = getattr(volume, "open", None)
+        if opener is None:
+            found = await self._call(volume.name, "get", key, lambda: volume.get(key))
+            if found is not None and key not in self._writers:
+                self._memory_put(key, found)
+        else:
+            found = await self._call(volume.name, "open", key, lambda: opener(key))
+        if found is not None:
+            self.hits[volume.name] += 1
+        return found
+
+    def promote(self, key: CacheKey, entry: Entry) -> None:
+        """Copy an entry read from the Volume into memory, unless a newer write is pending."""
+        if key not in self._writers:
+            self._memory_put(key, entry)
+
+    def count_error(self, tier: str, op: str, key: CacheKey, exc: Exception) -> None:
+        """Count and log a tier failure noticed by a caller (a stream that broke mid-body)."""
+        self._failed(tier, op, key, exc)
 
     def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` in memory now and schedule its volume write in the background."""

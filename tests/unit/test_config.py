@@ -36,7 +36,7 @@ def test_default_toml_comments_every_key() -> None:
             assert "#" in line, f"no comment on: {line}"
 
 
-@pytest.mark.parametrize("name", ["example.toml", "docker.toml"])
+@pytest.mark.parametrize("name", ["example.toml", "docker.toml", "databricks-app.toml"])
 def test_shipped_examples_load(name: str) -> None:
     load_settings(ROOT / "config" / name, env={})
 
