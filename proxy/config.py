@@ -99,6 +99,10 @@ class VolumeSettings:
     retries: int = 2
     failure_threshold: int = 5
     cooldown_seconds: float = 30.0
+    max_bytes: int = 0
+    ttl_seconds: float = 0.0
+    user_max_bytes: int = 0
+    min_free_bytes: int = 536_870_912
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class CacheSettings:
     """Both tiers and what may enter them."""
 
     max_entry_bytes: int = 16_777_216
+    max_text_chars: int = 5_000
+    min_uses: int = 1
+    janitor_interval_seconds: float = 300.0
+    janitor_batch_size: int = 500
     memory: MemorySettings = field(default_factory=MemorySettings)
     volume: VolumeSettings = field(default_factory=VolumeSettings)
 
@@ -328,6 +336,9 @@ def _validate(settings: Settings) -> None:
         "cache.volume.failure_threshold": cache.volume.failure_threshold,
         "cache.volume.cooldown_seconds": cache.volume.cooldown_seconds,
         "index.timeout_seconds": settings.index.timeout_seconds,
+        "cache.min_uses": cache.min_uses,
+        "cache.janitor_interval_seconds": cache.janitor_interval_seconds,
+        "cache.janitor_batch_size": cache.janitor_batch_size,
         "index.pool_max_size": settings.index.pool_max_size,
     }
     for key, number in positive.items():
@@ -338,6 +349,11 @@ def _validate(settings: Settings) -> None:
         "cache.memory.ttl_seconds": cache.memory.ttl_seconds,
         "cache.volume.retries": cache.volume.retries,
         "index.ownership_cache_seconds": settings.index.ownership_cache_seconds,
+        "cache.max_text_chars": cache.max_text_chars,
+        "cache.volume.max_bytes": cache.volume.max_bytes,
+        "cache.volume.ttl_seconds": cache.volume.ttl_seconds,
+        "cache.volume.user_max_bytes": cache.volume.user_max_bytes,
+        "cache.volume.min_free_bytes": cache.volume.min_free_bytes,
     }.items():
         if number < 0:
             raise ConfigError(key, f"must be 0 (off) or more, got {number}")
