@@ -11,6 +11,8 @@ from typing import Final, TypeVar
 from aiohttp import web
 
 from proxy import __version__
+from proxy.admin.api import API_PREFIX, AdminApi
+from proxy.admission import Admission
 from proxy.config import ConfigError, IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
@@ -39,6 +41,7 @@ INDEX: Final = web.AppKey("index", PostgresIndex)
 VOLUME: Final = web.AppKey("volume", Tier)
 TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
+ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
 
 T = TypeVar("T")
 
@@ -67,6 +70,8 @@ def create_app(settings: Settings) -> web.Application:
 
     app.router.add_get("/_proxy/health", health)
     app.router.add_get(AUDIO_ROUTE, audio)
+    app.router.add_delete(f"{API_PREFIX}/entries", admin_purge)
+    app.router.add_get(f"{API_PREFIX}/stats", admin_stats)
     for path in settings.tts.speak_paths:
         app.router.add_post(path, speak)
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -86,6 +91,16 @@ async def speak(request: web.Request) -> web.StreamResponse:
 async def audio(request: web.Request) -> web.StreamResponse:
     """The audio URL of a cached entry."""
     return await request.app[AUDIO_URL].handle(request)
+
+
+async def admin_purge(request: web.Request) -> web.StreamResponse:
+    """DELETE /_proxy/admin/api/entries."""
+    return await request.app[ADMIN_API].purge_entries(request)
+
+
+async def admin_stats(request: web.Request) -> web.StreamResponse:
+    """GET /_proxy/admin/api/stats."""
+    return await request.app[ADMIN_API].read_stats(request)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -190,6 +205,17 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         synthesizer=upstream,
         stats=app[STATS],
         index=app.get(INDEX),
+        ownership=ownership,
+        admission=Admission(
+            min_uses=settings.cache.min_uses, max_text_chars=settings.cache.max_text_chars
+        ),
+    )
+    app[ADMIN_API] = AdminApi(
+        token=settings.admin.token,
+        cache=app[CACHE],
+        flights=app[FLIGHTS],
+        index=app.get(INDEX),
+        stats=app[STATS],
         ownership=ownership,
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)

@@ -11,6 +11,7 @@ from typing import Any, Final
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.fill import Fill, FillBroken, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
@@ -46,6 +47,7 @@ class TtsCache:
     stats: CacheStats
     index: PostgresIndex | None = None
     ownership: OwnershipCheck | None = None
+    admission: Admission | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
@@ -66,6 +68,8 @@ class TtsCache:
         if document is not None:
             speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
             key = speak.cache_key(identity.user if identity else None)
+            if key is not None and self.admission and not self.admission.text_allowed(speak.text):
+                key = None  # long texts (LLM replies) are rarely replayed: bypass the cache
         if key is not None and self.ownership is not None and not await self.ownership.allows(key):
             key = None  # fail closed: what cannot be verified is neither served nor stored
         if document is None or speak is None or key is None:
@@ -115,6 +119,8 @@ class TtsCache:
                 max_entry_bytes=self.settings.cache.max_entry_bytes,
                 on_commit=self._commit,
             )
+            if self.admission is not None and not self.admission.count_use(key, text_sha):
+                fill.store_allowed = False
             reader_fill = fill
             self.flights.start(flight, fill, self.synthesizer)
             self.stats.misses += 1
@@ -218,7 +224,7 @@ async def stream_fill(
         status = f"{CACHE_STATUS}; fwd=uri-miss"
         if collapsed:
             status += "; collapsed"
-        if fill.storable:
+        if fill.storable and fill.store_allowed:
             status += "; stored"
         ours = cache_headers(key, "miss", status)
         if fill.error is not None:

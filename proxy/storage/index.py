@@ -357,6 +357,13 @@ class PostgresIndex:
         status = await self._call("remove_prefix", lambda con: con.execute(sql, *args))
         return _row_count(status)
 
+    async def remove_all(self) -> int:
+        """Delete every row; returns how many."""
+        self._pending.clear()
+        sql = f"DELETE FROM {self._table}"
+        status = await self._call("remove_all", lambda con: con.execute(sql))
+        return _row_count(status)
+
     async def list_entries(
         self,
         user: str | None = None,

@@ -143,6 +143,21 @@ class TieredCache:
         if volume is not None:
             await self._call(volume.name, "delete", key, lambda: volume.delete(key))
 
+    async def purge_where(self, covers: Callable[[CacheKey], bool]) -> int:
+        """Drop matching entries from memory and pending writes; wait out writes in flight.
+
+        Returns how many memory entries went. The Volume itself is the caller's to clear after.
+        """
+        for key in [k for k in self._queued if covers(k)]:
+            self._queued.pop(key, None)
+        writing = [task for key, task in self._writers.items() if covers(key)]
+        if writing:
+            await asyncio.wait(writing)
+        memory = self.memory
+        if memory is None:
+            return 0
+        return memory.delete_where(covers)
+
     async def drain(self) -> None:
         """Wait until every scheduled volume write has finished (or failed and been counted)."""
         while self._writers:

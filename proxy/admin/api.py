@@ -1,0 +1,110 @@
+"""The admin API: purge entries, read statistics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin.auth import refuse
+from proxy.fill import Flights
+from proxy.ownership import OwnershipCheck
+from proxy.purge import BadScope, PurgeScope, purge
+from proxy.stats import CacheStats
+from proxy.storage.index import IndexUnavailable, PostgresIndex
+from proxy.storage.tiered import TieredCache
+from proxy.upstreams.http import json_error
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/_proxy/admin/api"
+
+
+@dataclass(frozen=True)
+class AdminApi:
+    """What the admin endpoints read and change."""
+
+    token: str
+    cache: TieredCache
+    flights: Flights
+    index: PostgresIndex | None
+    stats: CacheStats
+    ownership: OwnershipCheck | None = None
+
+    async def purge_entries(self, request: web.Request) -> web.Response:
+        """DELETE /_proxy/admin/api/entries?user=&thread=&message=&voice= (or all=true)."""
+        if (refused := refuse(request, self.token)) is not None:
+            return refused
+        query = request.query
+        try:
+            scope = PurgeScope.parse(
+                user=query.get("user"),
+                thread_id=query.get("thread"),
+                message_id=query.get("message"),
+                voice=query.get("voice"),
+                everything=query.get("all", "").lower() == "true",
+            )
+        except BadScope as exc:
+            return json_error(400, str(exc))
+        result = await purge(
+            scope,
+            cache=self.cache,
+            flights=self.flights,
+            index=self.index,
+            ownership=self.ownership,
+        )
+        return web.json_response(result.to_json())
+
+    async def read_stats(self, request: web.Request) -> web.Response:
+        """GET /_proxy/admin/api/stats: entries and bytes per tier, outcomes, top users."""
+        if (refused := refuse(request, self.token)) is not None:
+            return refused
+        return web.json_response(await self.snapshot())
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The statistics as JSON-ready data (also what the dashboard shows)."""
+        memory = self.cache.memory
+        tiers: dict[str, Any] = {
+            "memory": {
+                "entries": memory.entry_count if memory else 0,
+                "bytes": memory.current_bytes if memory else 0,
+            }
+        }
+        top_users: list[dict[str, Any]] = []
+        if self.index is not None:
+            try:
+                summary = await self.index.stats()
+            except IndexUnavailable:
+                tiers["volume"] = {"entries": None, "bytes": None, "source": "unavailable"}
+            else:
+                tiers["volume"] = {
+                    "entries": summary.entries,
+                    "bytes": summary.bytes,
+                    "source": "index",
+                }
+                top_users = [
+                    {"user": u.user, "entries": u.entries, "bytes": u.bytes}
+                    for u in summary.top_users
+                ]
+        stats = self.stats
+        return {
+            "tiers": tiers,
+            "requests": {
+                "hits": dict(stats.hits),
+                "misses": stats.misses,
+                "coalesced": stats.coalesced,
+                "disabled": stats.disabled,
+                "stored": stats.stored,
+                "upstream_calls": stats.upstream_calls,
+            },
+            "errors": {**dict(self.cache.errors), **dict(stats.errors)},
+            "top_users": top_users,
+        }
+
+
+def add_routes(app: web.Application, api: AdminApi) -> None:
+    """Install the admin API's routes on `app`."""
+    app.router.add_delete(f"{API_PREFIX}/entries", api.purge_entries)
+    app.router.add_get(f"{API_PREFIX}/stats", api.read_stats)

@@ -1,0 +1,33 @@
+"""Bearer-token checks for the admin API: off without a token, constant-time comparison."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import hdrs, web
+
+from proxy.upstreams.http import json_error
+
+
+def bearer_token(request: web.BaseRequest) -> str | None:
+    """The token of an `Authorization: Bearer ...` header, if any."""
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def token_matches(given: str | None, expected: str) -> bool:
+    """Compare in constant time, so response timing does not leak the token."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def refuse(request: web.BaseRequest, expected: str) -> web.Response | None:
+    """None when the request carries the admin token; else the answer to give."""
+    if not expected:
+        return json_error(404, "the admin API is off: set admin.token to turn it on")
+    if not token_matches(bearer_token(request), expected):
+        return json_error(
+            401, "a valid admin token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return None
