@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.admin.api import API_PREFIX, AdminApi
 from proxy.admission import Admission
-from proxy.config import ConfigError, IndexSettings, Settings
+from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
@@ -28,6 +28,7 @@ from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 from proxy.upstreams.http import HttpUpstream, client_session
+from proxy.upstreams.providers import ProviderChain, build_synthesizer, check_credentials
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ VOLUME: Final = web.AppKey("volume", Tier)
 TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
+SYNTHESIZER: Final = web.AppKey("synthesizer", ProviderChain)
 
 T = TypeVar("T")
 
@@ -56,8 +58,7 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
 
 def create_app(settings: Settings) -> web.Application:
     """The proxy application for `settings`."""
-    if settings.upstream.kind != "http":
-        raise ConfigError("upstream.kind", f"{settings.upstream.kind!r} is not available yet")
+    check_credentials(settings.upstream)
     app = web.Application()
     app[SETTINGS] = settings
     app[IDENTITY] = IdentityResolver(settings.identity)
@@ -114,7 +115,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     session = client_session(settings.upstream)
     app[UPSTREAM] = HttpUpstream(settings.upstream, session)
+    chain = build_synthesizer(settings, session)
+    if chain is not None:
+        app[SYNTHESIZER] = chain
     yield
+    if chain is not None:
+        await chain.aclose()
     await session.close()
 
 
@@ -202,7 +208,7 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         cache=get_state(app, CACHE),
         flights=app[FLIGHTS],
         passthrough=upstream,
-        synthesizer=upstream,
+        synthesizer=app.get(SYNTHESIZER, upstream),
         stats=app[STATS],
         index=app.get(INDEX),
         ownership=ownership,

@@ -145,6 +145,8 @@ class Fill:
             return False
         if length is not None and (not length.isdigit() or int(length) > self._max_entry_bytes):
             return False
+        if "X-TTS-Fallback" in self.headers:
+            return False  # another provider's or another voice's audio: served, never stored
         wanted = self.call.speak.provider
         used = self.headers.get("X-TTS-Provider", "").strip().lower() or None
         return not (wanted is not None and used != wanted)
