@@ -16,12 +16,14 @@ from proxy.admission import Admission
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
+from proxy.janitor import Janitor
 from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
 from proxy.middleware.tts_cache import TtsCache
 from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry, Tier
+from proxy.storage.disk import DiskGuard
 from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
@@ -44,6 +46,8 @@ TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
 SYNTHESIZER: Final = web.AppKey("synthesizer", ProviderChain)
+JANITOR: Final = web.AppKey("janitor", Janitor)
+DISK_GUARD: Final = web.AppKey("disk_guard", DiskGuard)
 
 T = TypeVar("T")
 
@@ -67,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
+    app.cleanup_ctx.append(_housekeeping)
     app.cleanup_ctx.append(_plugins)
 
     app.router.add_get("/_proxy/health", health)
@@ -194,6 +199,25 @@ def _recorder(
     return record
 
 
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    settings = get_state(app, SETTINGS)
+    guard = DiskGuard.from_settings(settings.cache.volume)
+    await guard.refresh()  # a real answer before the first request
+    app[DISK_GUARD] = guard
+    volume = app.get(VOLUME)
+    janitor = Janitor(
+        settings.cache,
+        get_state(app, CACHE),
+        volume if isinstance(volume, LocalVolume | DatabricksVolume) else None,
+        app.get(INDEX),
+    )
+    app[JANITOR] = janitor
+    janitor.start()
+    yield
+    await janitor.aclose()
+    await guard.aclose()
+
+
 async def _plugins(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     upstream = get_state(app, UPSTREAM)
@@ -215,6 +239,8 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         admission=Admission(
             min_uses=settings.cache.min_uses, max_text_chars=settings.cache.max_text_chars
         ),
+        disk_guard=app[DISK_GUARD],
+        janitor=app[JANITOR],
     )
     app[ADMIN_API] = AdminApi(
         token=settings.admin.token,
@@ -223,6 +249,8 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         index=app.get(INDEX),
         stats=app[STATS],
         ownership=ownership,
+        janitor=app[JANITOR],
+        disk_guard=app[DISK_GUARD],
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield

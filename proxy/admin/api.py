@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,11 @@ from aiohttp import web
 
 from proxy.admin.auth import refuse
 from proxy.fill import Flights
+from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.purge import BadScope, PurgeScope, purge
 from proxy.stats import CacheStats
+from proxy.storage.disk import DiskGuard
 from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.http import json_error
@@ -32,6 +35,8 @@ class AdminApi:
     index: PostgresIndex | None
     stats: CacheStats
     ownership: OwnershipCheck | None = None
+    janitor: Janitor | None = None
+    disk_guard: DiskGuard | None = None
 
     async def purge_entries(self, request: web.Request) -> web.Response:
         """DELETE /_proxy/admin/api/entries?user=&thread=&message=&voice= (or all=true)."""
@@ -88,6 +93,13 @@ class AdminApi:
                     {"user": u.user, "entries": u.entries, "bytes": u.bytes}
                     for u in summary.top_users
                 ]
+        if "volume" not in tiers and self.janitor is not None and self.janitor.last_walk:
+            walk = self.janitor.last_walk
+            tiers["volume"] = {"entries": walk.entries, "bytes": walk.bytes, "source": "walk"}
+            top_users = [
+                {"user": user, "entries": entries, "bytes": size}
+                for user, entries, size in walk.top_users
+            ]
         stats = self.stats
         return {
             "tiers": tiers,
@@ -101,6 +113,23 @@ class AdminApi:
             },
             "errors": {**dict(self.cache.errors), **dict(stats.errors)},
             "top_users": top_users,
+            "janitor": self._janitor_json(),
+            "disk": None
+            if self.disk_guard is None or not self.disk_guard.enabled
+            else {
+                "free_bytes": self.disk_guard.free_bytes,
+                "admitting": self.disk_guard.admitting(),
+            },
+        }
+
+    def _janitor_json(self) -> dict[str, Any] | None:
+        if self.janitor is None:
+            return None
+        report = self.janitor.last_report
+        return {
+            "runs": self.janitor.runs,
+            "errors": self.janitor.errors,
+            "last_run": None if report is None else dataclasses.asdict(report),
         }
 
 

@@ -15,10 +15,12 @@ from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.fill import Fill, FillBroken, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
+from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry, EntryMeta, EntryStream
+from proxy.storage.disk import DiskGuard
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.base import SpeakCall, Upstream
@@ -48,6 +50,8 @@ class TtsCache:
     index: PostgresIndex | None = None
     ownership: OwnershipCheck | None = None
     admission: Admission | None = None
+    disk_guard: DiskGuard | None = None
+    janitor: Janitor | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
@@ -99,6 +103,8 @@ class TtsCache:
             self.stats.hits[tier] += 1
             if self.index is not None:
                 await self.index.touch(key)
+            elif self.janitor is not None:
+                self.janitor.record_hit(key)
             log.debug("hit %s in %s", key.digest(), tier)
             return hit_response(key, entry, tier)
         # 7. one fill per key
@@ -121,6 +127,9 @@ class TtsCache:
             )
             if self.admission is not None and not self.admission.count_use(key, text_sha):
                 fill.store_allowed = False
+            elif self.disk_guard is not None and not self.disk_guard.admitting():
+                fill.store_allowed = False  # low disk: serve, do not fill it further
+                self.stats.errors["disk_full"] += 1
             reader_fill = fill
             self.flights.start(flight, fill, self.synthesizer)
             self.stats.misses += 1

@@ -8,13 +8,14 @@ to skip and count (recording, hits) or to fail closed (ownership).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
@@ -452,6 +453,46 @@ class PostgresIndex:
         args = (key.message_id, key.user, volume_path, key.voice, provider, cached_at.isoformat())
         status = await self._call("legacy_metadata", lambda con: con.execute(sql, *args), key)
         return _row_count(status) > 0
+
+    async def run(self, op: str, query: Query[T]) -> T:
+        """Run `query(connection)` on the pool, bounded and counted like every call here."""
+        return await self._call(op, query)
+
+    @contextlib.asynccontextmanager
+    async def acquire_lock_connection(self) -> AsyncIterator[Any]:
+        """A connection of its own, outside the pool, for a session-level advisory lock.
+
+        Outside the pool so that a lock held for a whole janitor run neither takes a pool slot
+        from the request path nor goes back to the pool still held. Closed on exit, which also
+        releases whatever it still holds; IndexUnavailable when it cannot be opened.
+        """
+        if self._closed or not self.available:
+            self.errors["lock"] += 1
+            raise IndexUnavailable("index lock: unavailable")
+        try:
+            con = await self._bounded(
+                asyncpg.connect(
+                    self._dsn,
+                    password=self._password,
+                    timeout=self._timeout,
+                    server_settings={"application_name": "tts-cache-proxy janitor"},
+                ),
+                self._timeout,
+            )
+        except Exception as exc:
+            self.errors["lock"] += 1
+            log.warning("index lock connection failed: %s", _describe(exc))
+            raise IndexUnavailable(f"index lock: {type(exc).__name__}") from exc
+        try:
+            yield con
+        finally:
+            try:
+                await asyncio.wait_for(con.close(), self._timeout)
+            except asyncio.CancelledError:
+                con.terminate()
+                raise
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                con.terminate()
 
     async def _call(self, op: str, query: Query[T], key: CacheKey | None = None) -> T:
         pool = self._pool

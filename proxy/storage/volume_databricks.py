@@ -31,10 +31,13 @@ from proxy.storage.volume_local import (
     _MAX_SIDECAR_BYTES,
     OBJECT_EXTENSIONS,
     SIDECAR_SUFFIX,
+    StoredEntryInfo,
     _key_json,
     _parse_sidecar,
     _require_valid,
     extension_for,
+    split_names,
+    stale_names,
 )
 
 FILES_API: Final = "/api/2.0/fs/files"
@@ -81,6 +84,18 @@ class ListedEntry:
 
     key: CacheKey
     last_modified: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _ListedFile:
+    """A file in one folder's listing: its size and modification time, when the API says."""
+
+    size: int | None
+    modified: float | None
+
+
+# One folder's files by name, and its subfolders' paths.
+_Listing = tuple[dict[str, _ListedFile], list[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +252,8 @@ class DatabricksVolume:
         # Serialise operations on one key in this process, so a reader never pairs an old
         # sidecar with a new object (and removes a good entry as corrupt).
         self._stripes = tuple(asyncio.Lock() for _ in range(_LOCK_STRIPES))
+        # Folders the orphan walk has still to list; it resumes here on the next call.
+        self._orphan_walk: list[str] = []
 
     @property
     def breaker_state(self) -> BreakerState:
@@ -325,6 +342,70 @@ class DatabricksVolume:
             key = self._key_of(path)
             if key is not None:
                 yield ListedEntry(key, last_modified)
+
+    async def exists(self, key: CacheKey) -> bool:
+        """True when `key` has a valid sidecar and its object has the length the sidecar records."""
+        _require_valid(key)
+        if self._skipped(key):
+            # Unknown is not "absent": a False here would drop the entry's index row.
+            raise VolumeUnavailable("no credentials to check the Volume with")
+        async with self._stripe(key):
+            return await self._guarded(key.digest(), lambda call: self._exists(call, key))
+
+    async def scan(self) -> list[StoredEntryInfo]:
+        """Every entry with an object, walking every folder.
+
+        The Files API keeps no access times, so last hit = created = the sidecar's last write.
+        One listing per folder: with many entries, prefer an index to budget from.
+        """
+        if self._skipped(None):
+            raise VolumeUnavailable("no credentials to walk the Volume with")
+        found: list[StoredEntryInfo] = []
+        pending = [self.base]
+        while pending:
+            folder = pending.pop()
+            listing = await self._guarded("-", functools.partial(self._listing, folder=folder))
+            if listing is None:
+                continue
+            files, subfolders = listing
+            pending.extend(subfolders)
+            ids = self._ids_of(folder)
+            if ids is not None:
+                found.extend(_entries_in(ids, files))
+        return found
+
+    async def clean_orphans(self, *, limit: int, older_than: float) -> int:
+        """Remove up to `limit` crash leftovers last written before `older_than`; return how many.
+
+        Leftovers are objects without a sidecar and sidecars without an object (judged by name:
+        reading every sidecar would cost a call per entry; `get` removes malformed ones). Each
+        call lists at most `limit` folders and the walk resumes there on the next call. Empty
+        folders are removed too (not counted).
+        """
+        if self._skipped(None):
+            raise VolumeUnavailable("no credentials to walk the Volume with")
+        if not self._orphan_walk:
+            self._orphan_walk.append(self.base)
+        removed = listed = 0
+        while self._orphan_walk and listed < limit and removed < limit:
+            folder = self._orphan_walk.pop()
+            listed += 1
+            try:
+                listing = await self._guarded("-", functools.partial(self._listing, folder=folder))
+            except BaseException:
+                self._orphan_walk.append(folder)
+                raise
+            if listing is None:
+                continue
+            files, subfolders = listing
+            self._orphan_walk.extend(subfolders)
+            if not files and not subfolders and folder != self.base:
+                await self._guarded("-", functools.partial(self._delete_directory, path=folder))
+                continue
+            ids = self._ids_of(folder)
+            if ids is not None:
+                removed += await self._clean_folder(folder, ids, files, older_than, limit - removed)
+        return removed
 
     async def ping(self) -> bool:
         """True when the Volume root answers; False when it does not or the breaker is open."""
@@ -453,6 +534,94 @@ class DatabricksVolume:
         for name in await self._names(call, folder):
             if _is_object_of(name, key.voice):
                 await self._delete_file(call, f"{folder}/{name}")
+
+    async def _exists(self, call: _Call, key: CacheKey) -> bool:
+        reply = await self._exchange(
+            call, "GET", FILES_API, self._sidecar_path(key), limit=_MAX_SIDECAR_BYTES
+        )
+        if reply.status == 404:
+            return False
+        _check(reply, "GET")
+        parsed = _parse_sidecar(reply.body, key) if reply.body is not None else None
+        if parsed is None:
+            return False
+        meta, object_name = parsed
+        head = await self._exchange(call, "HEAD", FILES_API, f"{self._folder(key)}/{object_name}")
+        if head.status == 404:
+            return False
+        _check(head, "HEAD")
+        length = head.headers.get("Content-Length")
+        return length is None or length == str(meta.length)
+
+    async def _clean_folder(
+        self,
+        folder: str,
+        ids: tuple[str, str, str],
+        files: dict[str, _ListedFile],
+        older_than: float,
+        limit: int,
+    ) -> int:
+        """Remove one message folder's leftovers, each voice judged again under its lock."""
+        stale = stale_names({name: file.modified for name, file in files.items()}, older_than)
+        _, _, temporary = split_names(stale)
+        removed = 0
+        for name in temporary[:limit]:
+            await self._guarded("-", functools.partial(self._delete_file, path=f"{folder}/{name}"))
+            removed += 1
+        voices = {_voice_of(name) for name in stale if name not in temporary}
+        for voice in sorted(voices):
+            key = CacheKey(*ids, voice)
+            if removed >= limit or not key.valid():
+                continue
+            async with self._stripe(key):
+                clean = functools.partial(
+                    self._clean_voice, key=key, older_than=older_than, limit=limit - removed
+                )
+                removed += await self._guarded(key.digest(), clean)
+        return removed
+
+    async def _clean_voice(self, call: _Call, key: CacheKey, older_than: float, limit: int) -> int:
+        # A put may have completed the entry since the folder was listed.
+        folder = self._folder(key)
+        listing = await self._listing(call, folder)
+        if listing is None:
+            return 0
+        mine = {
+            name: file.modified
+            for name, file in listing[0].items()
+            if name == f"{key.voice}{SIDECAR_SUFFIX}" or _is_object_of(name, key.voice)
+        }
+        doomed = stale_names(mine, older_than)[:limit]
+        # Sidecar first: from then on a reader sees a miss, whatever objects remain.
+        for name in sorted(doomed, key=lambda name: not name.endswith(SIDECAR_SUFFIX)):
+            await self._delete_file(call, f"{folder}/{name}")
+        return len(doomed)
+
+    async def _listing(self, call: _Call, folder: str) -> _Listing | None:
+        """One folder's files and subfolders (every page), or None when it does not exist."""
+        files: dict[str, _ListedFile] = {}
+        subfolders: list[str] = []
+        page_token: str | None = None
+        while True:
+            page = await self._list_page(call, folder, page_token)
+            if page is None:
+                return None
+            contents, page_token = page
+            for item in contents:
+                path = item.get("path")
+                if not isinstance(path, str) or not path.startswith(folder + "/"):
+                    continue
+                name = path[len(folder) + 1 :]
+                if not name or "/" in name:
+                    continue
+                if item.get("is_directory"):
+                    subfolders.append(path)
+                else:
+                    files[name] = _ListedFile(
+                        _number(item.get("file_size")), _seconds(item.get("last_modified"))
+                    )
+            if not page_token:
+                return files, subfolders
 
     # Files API calls
 
@@ -758,6 +927,15 @@ class DatabricksVolume:
             raise ValueError("invalid id")
         return "/".join([self.base, *parts])
 
+    def _ids_of(self, folder: str) -> tuple[str, str, str] | None:
+        """(user, thread, message) when `folder` is a message folder, else None."""
+        if not folder.startswith(self.base + "/"):
+            return None
+        parts = folder[len(self.base) + 1 :].split("/")
+        if len(parts) != 3 or not all(valid_id(part) for part in parts):
+            return None
+        return parts[0], parts[1], parts[2]
+
     def _key_of(self, sidecar_path: str) -> CacheKey | None:
         if not sidecar_path.startswith(self.base + "/") or not sidecar_path.endswith(
             SIDECAR_SUFFIX
@@ -814,6 +992,35 @@ def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
         except (TypeError, ValueError):
             return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _entries_in(ids: tuple[str, str, str], files: dict[str, _ListedFile]) -> list[StoredEntryInfo]:
+    sidecars, objects, _ = split_names(files)
+    found: list[StoredEntryInfo] = []
+    for voice, sidecar in sidecars.items():
+        names = objects.get(voice)
+        key = CacheKey(*ids, voice)
+        if not names or not key.valid():
+            continue
+        written = files[sidecar].modified or max(files[name].modified or 0.0 for name in names)
+        size = sum(files[name].size or 0 for name in names)
+        found.append(StoredEntryInfo(key, size, created_at=written, last_hit_at=written))
+    return found
+
+
+def _voice_of(name: str) -> str:
+    if name.endswith(SIDECAR_SUFFIX):
+        return name[: -len(SIDECAR_SUFFIX)]
+    return name.rpartition(".")[0]
+
+
+def _number(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _seconds(milliseconds: Any) -> float | None:
+    number = _number(milliseconds)
+    return number / 1000 if number is not None else None
 
 
 def _is_object_of(name: str, voice: str) -> bool:

@@ -9,6 +9,8 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.speak import CacheKey, valid_id
@@ -31,6 +33,16 @@ TMP_PREFIX = ".tmp-"
 # A sidecar is a few hundred bytes; anything far larger is not one of ours.
 _MAX_SIDECAR_BYTES = 1_048_576
 _LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntryInfo:
+    """One stored entry as the janitor sees it: its key, its size and when it was made and hit."""
+
+    key: CacheKey
+    bytes: int
+    created_at: float
+    last_hit_at: float
 
 
 def extension_for(content_type: str) -> str:
@@ -97,6 +109,28 @@ class LocalVolume:
         """Remove temporary files a crash left behind; return how many."""
         return await asyncio.to_thread(self._clean_leftovers_sync)
 
+    async def exists(self, key: CacheKey) -> bool:
+        """True when `key` has a valid sidecar and an object of the length it records."""
+        _require_valid(key)
+        return await asyncio.to_thread(self._exists_sync, key)
+
+    async def scan(self) -> list[StoredEntryInfo]:
+        """Every entry with an object: created = object mtime, last hit = sidecar mtime."""
+        return await asyncio.to_thread(self._scan_sync)
+
+    async def record_hits(self, hits: Mapping[CacheKey, float]) -> int:
+        """Move the sidecars' mtimes forward to hits seen elsewhere (memory); return how many."""
+        return await asyncio.to_thread(self._record_hits_sync, dict(hits))
+
+    async def clean_orphans(self, *, limit: int, older_than: float) -> int:
+        """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
+
+        Leftovers are temporary files, objects without a valid sidecar and sidecars without their
+        object. Anything younger is left alone: it may be a write in progress in another process.
+        Empty folders that old are pruned too (not counted).
+        """
+        return await asyncio.to_thread(self._clean_orphans_sync, limit, older_than)
+
     async def aclose(self) -> None:
         """Nothing stays open between operations."""
 
@@ -131,6 +165,7 @@ class LocalVolume:
             if entry is None or not entry.intact():
                 _remove_entry(folder, key.voice)
                 return None
+            _record_hit(folder / f"{key.voice}{SIDECAR_SUFFIX}")
             return entry
 
     def _put_sync(self, key: CacheKey, entry: Entry) -> None:
@@ -182,6 +217,225 @@ class LocalVolume:
                         os.unlink(os.path.join(folder, name))
                         removed += 1
         return removed
+
+    def _exists_sync(self, key: CacheKey) -> bool:
+        folder = self._folder(key.user, key.thread_id, key.message_id)
+        with self._lock(key):
+            try:
+                raw = _read_bounded(folder / f"{key.voice}{SIDECAR_SUFFIX}", _MAX_SIDECAR_BYTES)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            parsed = _parse_sidecar(raw, key) if raw is not None else None
+            if parsed is None:
+                return False
+            meta, object_name = parsed
+            try:
+                return (folder / object_name).stat().st_size == meta.length
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+    def _scan_sync(self) -> list[StoredEntryInfo]:
+        found: list[StoredEntryInfo] = []
+        for _, ids, files in self._message_folders():
+            sidecars, objects, _ = split_names(files)
+            for voice, sidecar in sidecars.items():
+                names = objects.get(voice)
+                key = CacheKey(*ids, voice)
+                if not names or not key.valid():
+                    continue
+                created = max(files[name].st_mtime for name in names)
+                found.append(
+                    StoredEntryInfo(
+                        key,
+                        sum(files[name].st_size for name in names),
+                        created_at=created,
+                        last_hit_at=max(created, files[sidecar].st_mtime),
+                    )
+                )
+        return found
+
+    def _record_hits_sync(self, hits: dict[CacheKey, float]) -> int:
+        recorded = 0
+        for key, at in hits.items():
+            if not key.valid():
+                continue
+            try:
+                folder = self._folder(key.user, key.thread_id, key.message_id)
+                sidecar = folder / f"{key.voice}{SIDECAR_SUFFIX}"
+                if sidecar.stat().st_mtime < at:
+                    os.utime(sidecar, (at, at))
+                    recorded += 1
+            except (OSError, ValueError):
+                # Gone meanwhile, read-only, or a link out of the root: a hit is not worth more.
+                continue
+        return recorded
+
+    def _clean_orphans_sync(self, limit: int, older_than: float) -> int:
+        removed = 0
+        for folder, ids, files in self._message_folders():
+            if removed >= limit:
+                break
+            mtimes = {name: status.st_mtime for name, status in files.items()}
+            sidecars, objects, temporary = split_names(mtimes)
+            for name in temporary:
+                if removed < limit and mtimes[name] < older_than:
+                    removed += _unlink(folder / name)
+            for voice in sorted(sidecars.keys() | objects.keys()):
+                if removed >= limit:
+                    break
+                names = [*objects.get(voice, ()), sidecars.get(voice, "")]
+                key = CacheKey(*ids, voice)
+                if key.valid() and any(mtimes.get(name, older_than) < older_than for name in names):
+                    removed += self._clean_voice(folder, key, older_than, limit - removed)
+        _prune_empty_folders(self.base, older_than)
+        return removed
+
+    def _clean_voice(self, folder: Path, key: CacheKey, older_than: float, limit: int) -> int:
+        """Remove one voice's leftovers, judged again under its lock from fresh stats."""
+        with self._lock(key):
+            mtimes: dict[str, float] = {}
+            for name in (f"{key.voice}{SIDECAR_SUFFIX}", *_object_names(key.voice)):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    mtimes[name] = (folder / name).stat().st_mtime
+            doomed = set(stale_names(mtimes, older_than))
+            sidecar = f"{key.voice}{SIDECAR_SUFFIX}"
+            if sidecar in mtimes and sidecar not in doomed and mtimes[sidecar] < older_than:
+                doomed.update(self._invalid_against_sidecar(folder, key, mtimes, older_than))
+            removed = 0
+            # Sidecar first: from then on a reader sees a miss, whatever objects remain.
+            for name in sorted(doomed, key=lambda name: not name.endswith(SIDECAR_SUFFIX)):
+                if removed < limit:
+                    removed += _unlink(folder / name)
+            return removed
+
+    def _invalid_against_sidecar(
+        self, folder: Path, key: CacheKey, mtimes: dict[str, float], older_than: float
+    ) -> list[str]:
+        """The sidecar and objects a malformed sidecar leaves, or the objects it does not name."""
+        sidecar = f"{key.voice}{SIDECAR_SUFFIX}"
+        try:
+            raw = _read_bounded(folder / sidecar, _MAX_SIDECAR_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        parsed = _parse_sidecar(raw, key) if raw is not None else None
+        old_objects = [n for n in mtimes if n != sidecar and mtimes[n] < older_than]
+        if parsed is None:
+            return [sidecar, *old_objects]
+        meta, object_name = parsed
+        try:
+            intact = (folder / object_name).stat().st_size == meta.length
+        except (FileNotFoundError, NotADirectoryError):
+            intact = False
+        if not intact:
+            # Objects are replaced whole, so a wrong length is damage, not a write in progress.
+            return [sidecar, *old_objects]
+        return [name for name in old_objects if name != object_name]
+
+    def _message_folders(
+        self,
+    ) -> Iterator[tuple[Path, tuple[str, str, str], dict[str, os.stat_result]]]:
+        """Every `{user}/{thread}/{message}` folder with its regular files; links not followed."""
+        for user in _subfolders(self.base):
+            for thread in _subfolders(user):
+                for message in _subfolders(thread):
+                    yield message, (user.name, thread.name, message.name), _regular_files(message)
+
+
+def split_names(
+    names: Iterable[str],
+) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    """One message folder's names: sidecars by voice, objects by voice, and temporary files.
+
+    Names that are none of these, or whose voice is not a valid id, are not ours and are left out.
+    """
+    sidecars: dict[str, str] = {}
+    objects: dict[str, list[str]] = {}
+    temporary: list[str] = []
+    for name in names:
+        if name.startswith(TMP_PREFIX):
+            temporary.append(name)
+        elif name.endswith(SIDECAR_SUFFIX):
+            voice = name[: -len(SIDECAR_SUFFIX)]
+            if valid_id(voice):
+                sidecars[voice] = name
+        else:
+            voice, dot, extension = name.rpartition(".")
+            if dot and extension in OBJECT_EXTENSIONS and valid_id(voice):
+                objects.setdefault(voice, []).append(name)
+    return sidecars, objects, sorted(temporary)
+
+
+def stale_names(mtimes: Mapping[str, float | None], older_than: float) -> list[str]:
+    """What a crash left in one message folder, judged by names and times alone.
+
+    Temporary files, objects without a sidecar and sidecars without any object, each only once
+    last changed before `older_than` (an unknown time is never old).
+    """
+
+    def old(name: str) -> bool:
+        changed = mtimes[name]
+        return changed is not None and changed < older_than
+
+    sidecars, objects, temporary = split_names(mtimes)
+    stale = [name for name in temporary if old(name)]
+    for voice, names in objects.items():
+        if voice not in sidecars:
+            stale.extend(name for name in names if old(name))
+    stale.extend(
+        sidecar for voice, sidecar in sidecars.items() if voice not in objects and old(sidecar)
+    )
+    return stale
+
+
+def _object_names(voice: str) -> list[str]:
+    return [f"{voice}.{extension}" for extension in sorted(OBJECT_EXTENSIONS)]
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as found:
+            return [Path(item.path) for item in found if item.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _regular_files(path: Path) -> dict[str, os.stat_result]:
+    files: dict[str, os.stat_result] = {}
+    try:
+        with os.scandir(path) as found:
+            for item in found:
+                with contextlib.suppress(FileNotFoundError):
+                    if item.is_file(follow_symlinks=False):
+                        files[item.name] = item.stat(follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return files
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    return 1
+
+
+def _prune_empty_folders(base: Path, older_than: float) -> None:
+    """Remove empty user, thread and message folders (evictions leave them behind)."""
+    for folder, _, _ in os.walk(base, topdown=False):
+        if folder == str(base):
+            continue
+        # A folder just made by a writer is young; one it fills meanwhile refuses rmdir.
+        with contextlib.suppress(OSError):
+            if os.stat(folder).st_mtime < older_than:
+                os.rmdir(folder)
+
+
+def _record_hit(sidecar: Path) -> None:
+    # The sidecar's mtime is the entry's last hit: one syscall in the thread already reading it,
+    # and the object's own mtime stays its creation time. A read-only Volume still serves.
+    with contextlib.suppress(OSError):
+        os.utime(sidecar)
 
 
 def _require_valid(key: CacheKey) -> None:

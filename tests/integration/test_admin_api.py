@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.app import CACHE, create_app
+from proxy.app import CACHE, JANITOR, create_app
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 
@@ -258,3 +258,40 @@ async def test_purge_from_the_command_line_without_a_running_proxy(
         "alice@example.com/t-2/m-3/af_nicole.mp3",
         "bob@example.com/t-1/m-1/af_nicole.mp3",
     }
+
+
+async def test_a_full_disk_pauses_admission_and_requests_still_succeed(
+    aiohttp_client: Any, legacy_backend: FakeLegacyBackend, tmp_path: Path
+) -> None:
+    # No disk here has an exabyte free: the real statvfs says "below the minimum".
+    settings = settings_for(
+        tmp_path,
+        legacy_backend.url,
+        **{"cache.volume.min_free_bytes": 2**60, "admin.token": TOKEN},
+    )
+    client = await aiohttp_client(create_app(settings))
+    for _ in range(2):
+        async with client.post(SPEAK, json=body(), headers=ALICE) as response:
+            assert response.status == 200 and len(await response.read()) == 65536
+            assert response.headers["X-TTS-Cache"] == "miss"
+            assert "stored" not in response.headers["Cache-Status"]
+    await client.app[CACHE].drain()
+    assert volume_objects(tmp_path) == set()
+    async with client.get("/_proxy/admin/api/stats", headers=ADMIN) as response:
+        stats = await response.json()
+    assert stats["errors"]["disk_full"] == 2
+    assert stats["disk"]["admitting"] is False
+
+
+async def test_stats_without_an_index_come_from_the_janitors_walk(admin_client: Any) -> None:
+    await fill_cache(admin_client)
+    await admin_client.app[JANITOR].run_once()
+    async with admin_client.get("/_proxy/admin/api/stats", headers=ADMIN) as response:
+        stats = await response.json()
+    assert stats["tiers"]["volume"] == {"entries": 5, "bytes": 5 * 65536, "source": "walk"}
+    assert stats["top_users"][0] == {
+        "user": "alice@example.com",
+        "entries": 4,
+        "bytes": 4 * 65536,
+    }
+    assert stats["janitor"]["runs"] >= 1
