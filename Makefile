@@ -5,12 +5,17 @@ BIN := $(VENV)/bin
 LINTED := proxy tests $(wildcard bench)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest system-deps clean
+.PHONY: run test bench lint typecheck pytest system-deps bench-deps clean
 
 run: $(STAMP)
 	$(BIN)/tts-cache-proxy demo
 
 test: $(STAMP) system-deps lint typecheck pytest
+
+# The benchmark (bench/README.md): under 6 minutes, writes bench/results/latest.{md,json,png}.
+bench: $(STAMP) bench-deps
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -31,6 +36,10 @@ $(STAMP): pyproject.toml
 # Debian packages the tests use, installed only where missing.
 system-deps:
 	@scripts/system-deps.sh
+
+# wrk and nginx-light for `make bench`, installed only where missing.
+bench-deps:
+	@scripts/bench-deps.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

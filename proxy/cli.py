@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
+import multiprocessing
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from multiprocessing.connection import wait as wait_for_exit
+from multiprocessing.context import ForkProcess
+from types import FrameType
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -17,6 +24,13 @@ from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
 
 EXIT_CONFIG = 2
+EXIT_WORKER_FAILED = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Beyond shutdown_timeout_seconds, how long the parent waits for a draining worker before SIGKILL.
+WORKER_EXIT_MARGIN_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("proxy.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args)
         if command == "demo":
             return _demo(args)
+        if command == "purge":
+            return _purge(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -49,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_argument(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT), each with its own memory tier",
+    )
     check = commands.add_parser("check-config", help="print the effective settings, redacted")
     _config_argument(check)
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
@@ -57,7 +79,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, help="the proxy's port")
     demo.add_argument("--backend-port", type=int, default=8000, help="the demo backend's port")
+    purge = commands.add_parser(
+        "purge", help="remove cached entries (a user, thread, message, voice, or --all)"
+    )
+    _config_argument(purge)
+    purge.add_argument("--user")
+    purge.add_argument("--thread")
+    purge.add_argument("--message")
+    purge.add_argument("--voice")
+    purge.add_argument("--all", action="store_true", help="everything in the cache")
     return parser
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from proxy.purge import BadScope, PurgeScope
+    from proxy.purge_cli import run_purge
+
+    settings = _load(args)
+    try:
+        scope = PurgeScope.parse(
+            user=args.user,
+            thread_id=args.thread,
+            message_id=args.message,
+            voice=args.voice,
+            everything=args.all,
+        )
+    except BadScope as exc:
+        print(f"purge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    result = asyncio.run(run_purge(settings, scope))
+    print(json.dumps(result))
+    return 0
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +133,11 @@ def _serve(args: argparse.Namespace) -> int:
         args,
         **{"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None)},
     )
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        raise ConfigError("--workers", f"must be 1 or more, got {workers}")
+    if workers > 1:
+        return _serve_workers(settings, workers)
     from proxy.app import create_app
 
     app = create_app(settings)
@@ -94,6 +151,141 @@ def _serve(args: argparse.Namespace) -> int:
         print=lambda message: print(message, file=sys.stderr, flush=True),
     )
     return 0
+
+
+def _serve_workers(settings: Settings, count: int) -> int:
+    """Run `count` worker processes on one port and supervise them until they stop."""
+    if settings.server.port == 0:
+        raise ConfigError("server.port", "--workers needs a fixed port, not 0")
+    from proxy.app import create_app
+
+    create_app(settings)  # a configuration the app refuses stops here, with exit code 2
+    context = multiprocessing.get_context("fork")
+    parent = os.getpid()
+    workers: list[ForkProcess] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != parent:  # a worker between fork and its own handlers
+            return
+        received.append(signum)
+        _signal_workers(workers, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        for index in range(count):
+            worker = context.Process(
+                target=_worker_main,
+                args=(settings, parent),
+                name=f"tts-cache-proxy-worker-{index}",
+            )
+            # Blocked across the fork: the worker takes pending signals once its loop handles them.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                worker.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            workers.append(worker)
+        if received:
+            _signal_workers(workers, received[0])
+        log.info(
+            "%d workers on port %d: pids %s",
+            count,
+            settings.server.port,
+            " ".join(str(w.pid) for w in workers),
+        )
+        grace = settings.server.shutdown_timeout_seconds + WORKER_EXIT_MARGIN_SECONDS
+        return _supervise(workers, received, grace)
+    finally:
+        _signal_workers(workers, signal.SIGKILL)
+        for worker in workers:
+            worker.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _supervise(workers: list[ForkProcess], received: list[int], grace: float) -> int:
+    """Wait for the workers; one that exits unasked stops the others. Returns the exit code."""
+    running = {worker.sentinel: worker for worker in workers}
+    failed = False
+    deadline: float | None = None
+    while running:
+        if received and deadline is None:
+            deadline = time.monotonic() + grace
+        if deadline is not None and time.monotonic() >= deadline:
+            log.error("workers still running %.0f s after the stop signal: killed", grace)
+            _signal_workers(list(running.values()), signal.SIGKILL)
+            failed = True
+            deadline = float("inf")
+        # A bounded wait, so a signal received meanwhile starts the drain deadline.
+        for sentinel in wait_for_exit(list(running), timeout=0.5):
+            worker = running.pop(cast(int, sentinel))
+            worker.join()
+            if worker.exitcode != 0:
+                failed = True
+            if not received:
+                log.error(
+                    "worker %s exited unexpectedly (exit code %s): stopping the others",
+                    worker.pid,
+                    worker.exitcode,
+                )
+                failed = True
+                received.append(signal.SIGTERM)
+                _signal_workers(list(running.values()), signal.SIGTERM)
+    return EXIT_WORKER_FAILED if failed else 0
+
+
+def _signal_workers(workers: Sequence[ForkProcess], signum: int) -> None:
+    for worker in workers:
+        if worker.pid is None or worker.exitcode is not None:
+            continue
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _worker_main(settings: Settings, parent: int) -> None:
+    """One worker: the single-process server, on a port it shares with its siblings."""
+    from proxy.app import create_app
+
+    _die_with_parent(parent)
+    loop = new_event_loop()
+    stopping = False
+
+    def stop_once() -> None:
+        # The terminal's Ctrl-C reaches the workers and the parent, which forwards it: a second
+        # signal must not cut the drain short.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise web.GracefulExit()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop_once)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+        loop=loop,
+        handle_signals=False,
+        reuse_port=True,
+        print=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this worker when the parent dies, so no worker outlives it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _demo(args: argparse.Namespace) -> int:
