@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -20,8 +21,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CURRENT_TOKEN: ContextVar[str | None] = ContextVar("tts_proxy_current_token", default=None)
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     """A user the proxy believes, and their on-behalf-of token when one came along."""
 
     user: str
@@ -49,13 +49,40 @@ class IdentityResolver:
             "X-Forwarded-Host",
         ]
         self._untrusted_drop: Final = tuple(h for h in headers if h)
+        # Peers are few (the proxies in front); parsing an address per request is not free.
+        self._verdicts: dict[str, bool] = {}
+        self._by_connection: dict[int, tuple[weakref.ref[asyncio.BaseTransport], bool]] = {}
 
     def trusted_peer(self, request: web.BaseRequest) -> bool:
         """True when the TCP peer is inside `identity.trusted_proxies`."""
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        transport = request.transport
+        if transport is None:
+            return False
+        # Keep-alive connections carry many requests: judge each connection once.
+        known = self._by_connection.get(id(transport))
+        if known is not None and known[0]() is transport:
+            return known[1]
+        verdict = self._peer_verdict(transport)
+        if len(self._by_connection) >= 4096:
+            self._by_connection.clear()
+        # A weak reference: a closed connection must not be kept alive, nor its id mistaken.
+        self._by_connection[id(transport)] = (weakref.ref(transport), verdict)
+        return verdict
+
+    def _peer_verdict(self, transport: asyncio.BaseTransport) -> bool:
+        peer = transport.get_extra_info("peername")
         if not peer:
             return False
         host = peer[0] if isinstance(peer, tuple) else str(peer)
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = self._judge(host)
+            if len(self._verdicts) >= 4096:
+                self._verdicts.clear()
+            self._verdicts[host] = verdict
+        return verdict
+
+    def _judge(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
@@ -64,9 +91,11 @@ class IdentityResolver:
             address = address.ipv4_mapped
         return any(address in net for net in self._networks)
 
-    def resolve(self, request: web.BaseRequest) -> Identity | None:
+    def resolve(self, request: web.BaseRequest, *, trusted: bool | None = None) -> Identity | None:
         """The requesting user, or None when there is none to believe."""
-        if self.mode == "none" or not self.trusted_peer(request):
+        if self.mode == "none":
+            return None
+        if not (self.trusted_peer(request) if trusted is None else trusted):
             return None
         user = request.headers.get(self.user_header, "").strip()
         if not user:
@@ -75,10 +104,10 @@ class IdentityResolver:
         return Identity(user=user, token=token or None)
 
     def forwardable_headers(
-        self, request: web.BaseRequest
+        self, request: web.BaseRequest, *, trusted: bool | None = None
     ) -> CIMultiDictProxy[str] | CIMultiDict[str]:
         """The request headers to pass upstream: identity headers dropped from untrusted peers."""
-        if self.trusted_peer(request):
+        if self.trusted_peer(request) if trusted is None else trusted:
             return request.headers
         present = [h for h in self._untrusted_drop if h in request.headers]
         if not present:

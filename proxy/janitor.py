@@ -206,10 +206,11 @@ class Janitor:
         """Note a hit the Volume did not see (a memory hit); no I/O. A no-op with an index."""
         if self._index is not None or not self.enabled:
             return
-        self._hits[key] = self._clock()
-        self._hits.move_to_end(key)
-        if len(self._hits) > MAX_RECORDED_HITS:
-            self._hits.popitem(last=False)
+        hits = self._hits
+        hits[key] = self._clock()
+        # On the hit path: no reordering; when full, the earliest first-seen key is dropped.
+        if len(hits) > MAX_RECORDED_HITS:
+            hits.popitem(last=False)
             self.hits_dropped += 1
 
     def start(self) -> None:

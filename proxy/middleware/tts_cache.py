@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
@@ -29,7 +29,23 @@ from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end
 log = logging.getLogger(__name__)
 
 CACHE_STATUS: Final = "tts-cache-proxy"
+# Prebuilt hit headers kept at once; a full map is simply dropped and rebuilt as hits come.
+REPLAY_HEADER_CACHE: Final = 10_000
 DISABLED: Final = {"X-TTS-Cache": "disabled", "Cache-Status": f"{CACHE_STATUS}; fwd=bypass"}
+
+
+# Parsed bodies remembered at once, and the largest body remembered: at most ~8 MiB in all.
+PARSED_ENTRIES: Final = 4096
+PARSED_BODY_LIMIT: Final = 2048
+
+
+class ParsedSpeak(NamedTuple):
+    """A speak body read once: its JSON, its fields, its key for this user (None: not cacheable)."""
+
+    document: dict[str, Any] | None
+    speak: SpeakRequest | None
+    key: CacheKey | None
+    text_sha256: str
 
 
 class BodyTooLarge(Exception):
@@ -52,12 +68,19 @@ class TtsCache:
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
+    _replay_headers: dict[tuple[CacheKey, str], tuple[Entry, CIMultiDict[str]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
-        headers = self.identity.forwardable_headers(request)
+        trusted = self.identity.trusted_peer(request)
         if self.identity.mode == "none":
             self.stats.disabled += 1
+            headers = self.identity.forwardable_headers(request, trusted=trusted)
             return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
         # 1. the body, bounded
         try:
@@ -66,23 +89,19 @@ class TtsCache:
             limit = self.settings.tts.max_body_bytes
             return json_error(413, f"request body is larger than {limit} bytes")
         # 2-4. what is asked, by whom, and whether it may be cached
-        document = parse_json_object(body)
-        identity = self.identity.resolve(request)
-        speak = key = None
-        if document is not None:
-            speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
-            key = speak.cache_key(identity.user if identity else None)
-            if key is not None and self.admission and not self.admission.text_allowed(speak.text):
-                key = None  # long texts (LLM replies) are rarely replayed: bypass the cache
+        identity = self.identity.resolve(request, trusted=trusted)
+        parsed = self._parse(body, identity.user if identity else None)
+        key = parsed.key
         if key is not None and self.ownership is not None and not await self.ownership.allows(key):
             key = None  # fail closed: what cannot be verified is neither served nor stored
+        document, speak, text_sha = parsed.document, parsed.speak, parsed.text_sha256
         if document is None or speak is None or key is None:
             self.stats.disabled += 1
+            headers = self.identity.forwardable_headers(request, trusted=trusted)
             return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
         CURRENT_TOKEN.set(identity.token if identity else None)
-        # 5-6. the tiers
-        text_sha = speak.text_sha256()
 
+        # 5-6. the tiers
         def matches(meta: EntryMeta) -> bool:
             return meta.text_sha256 == text_sha and (
                 speak.provider is None or meta.provider == speak.provider
@@ -105,8 +124,9 @@ class TtsCache:
                 await self.index.touch(key)
             elif self.janitor is not None:
                 self.janitor.record_hit(key)
-            log.debug("hit %s in %s", key.digest(), tier)
-            return hit_response(key, entry, tier)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("hit %s in %s", key.digest(), tier)
+            return self._replay(key, entry, tier)
         # 7. one fill per key
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
@@ -117,7 +137,7 @@ class TtsCache:
                 body=self._upstream_body(body, document),
                 speak=speak,
                 identity=identity,
-                headers=headers,
+                headers=self.identity.forwardable_headers(request, trusted=trusted),
             )
             fill = Fill(
                 key,
@@ -171,6 +191,42 @@ class TtsCache:
         log.debug("hit %s streamed from the volume", key.digest())
         return response
 
+    def _parse(self, body: bytes, user: str | None) -> ParsedSpeak:
+        """What a body asks for, from whom; remembered, since replays send the same bytes."""
+        memo_key = (user, body)
+        parsed = self._parsed.get(memo_key)
+        if parsed is not None:
+            return parsed
+        document = parse_json_object(body)
+        speak = key = None
+        text_sha = ""
+        if document is not None:
+            speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
+            key = speak.cache_key(user)
+            if key is not None and self.admission and not self.admission.text_allowed(speak.text):
+                key = None  # long texts (LLM replies) are rarely replayed: bypass the cache
+            text_sha = speak.text_sha256()
+        parsed = ParsedSpeak(document, speak, key, text_sha)
+        if len(body) <= PARSED_BODY_LIMIT:
+            if len(self._parsed) >= PARSED_ENTRIES:
+                self._parsed.clear()
+            self._parsed[memo_key] = parsed
+        return parsed
+
+    def _replay(self, key: CacheKey, entry: Entry, tier: str) -> web.Response:
+        """The stored response; its headers are built once per entry and tier, then reused."""
+        cached = self._replay_headers.get((key, tier))
+        if cached is None or cached[0] is not entry:
+            headers = hit_headers(key, entry, tier)
+            if len(self._replay_headers) >= REPLAY_HEADER_CACHE:
+                self._replay_headers.clear()
+            self._replay_headers[(key, tier)] = (entry, headers)
+        else:
+            headers = cached[1]
+        response = web.Response(status=entry.meta.status, body=entry.body, headers=headers)
+        response.headers[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+        return response
+
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
         if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
             return body
@@ -185,8 +241,13 @@ class TtsCache:
 
 async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
     """The whole request body, or BodyTooLarge as soon as it passes `limit`."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge()
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise BodyTooLarge()
+        # read() also consumes the end of the payload, which spares aiohttp a drain afterwards;
+        # the app's client_max_size is at least `limit`, so it never refuses what fits.
+        return await request.read()
     parts: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -216,11 +277,12 @@ def meta_headers(meta: EntryMeta, tier: str) -> CIMultiDict[str]:
     return headers
 
 
-def hit_response(key: CacheKey, entry: Entry, tier: str) -> web.Response:
-    """The stored response, replayed."""
+def hit_headers(key: CacheKey, entry: Entry, tier: str) -> CIMultiDict[str]:
+    """The headers of a replayed entry, without Age (which changes every second)."""
     headers = meta_headers(entry.meta, tier)
+    headers.popall(hdrs.AGE, None)
     headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail={tier}"))
-    return web.Response(status=entry.meta.status, body=entry.body, headers=headers)
+    return headers
 
 
 async def stream_fill(

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
-from cachetools import Cache, LRUCache, TTLCache
+from cachetools import LRUCache
 
 from proxy.speak import CacheKey
 from proxy.storage.base import Entry
 
 
-def _entry_size(entry: Entry) -> int:
-    return entry.size
+class _Stored(NamedTuple):
+    entry: Entry
+    expires_at: float  # 0: never
+
+
+def _stored_size(stored: _Stored) -> int:
+    return stored.entry.size
 
 
 class MemoryTier:
@@ -32,15 +38,12 @@ class MemoryTier:
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self.max_entry_bytes = max_entry_bytes
-        self._cache: Cache[CacheKey, Entry] | None
-        if max_bytes == 0:
-            self._cache = None
-        elif ttl_seconds == 0:
-            self._cache = LRUCache(maxsize=max_bytes, getsizeof=_entry_size)
-        else:
-            self._cache = TTLCache(
-                maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size
-            )
+        self._timer = timer
+        # A plain LRU with the deadline beside each entry: cachetools' TTLCache does its timer
+        # bookkeeping on every lookup, and lookups are the hot path.
+        self._cache: LRUCache[CacheKey, _Stored] | None = (
+            None if max_bytes == 0 else LRUCache(maxsize=max_bytes, getsizeof=_stored_size)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -73,9 +76,16 @@ class MemoryTier:
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """The live entry under `key`, or None; marks it most recently used."""
-        if self._cache is None:
+        cache = self._cache
+        if cache is None:
             return None
-        return self._cache.get(key)
+        stored = cache.get(key)
+        if stored is None:
+            return None
+        if stored.expires_at and self._timer() >= stored.expires_at:
+            cache.pop(key, None)
+            return None
+        return stored.entry
 
     def put_nowait(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry`, evicting least recently used entries to stay within max_bytes."""
@@ -86,7 +96,8 @@ class MemoryTier:
             # audio for a key the caller has just replaced.
             self._cache.pop(key, None)
             return
-        self._cache[key] = entry
+        expires_at = self._timer() + self.ttl_seconds if self.ttl_seconds else 0.0
+        self._cache[key] = _Stored(entry, expires_at)
 
     def delete_nowait(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
@@ -126,5 +137,9 @@ class MemoryTier:
 
     def _expire(self) -> None:
         # Expired entries still count towards currsize and len() until they are swept.
-        if isinstance(self._cache, TTLCache):
-            self._cache.expire()
+        cache = self._cache
+        if cache is None or not self.ttl_seconds:
+            return
+        now = self._timer()
+        for key in [k for k, stored in cache.items() if stored.expires_at <= now]:
+            cache.pop(key, None)

@@ -93,6 +93,18 @@ class TieredCache:
         volume = self.volume
         if volume is None:
             return None
+        fast = getattr(volume, "get_nowait", None)
+        if fast is not None:
+            try:
+                quick: Entry | None = fast(key)
+            except Exception as exc:
+                self._failed(volume.name, "get", key, exc)
+                quick = None
+            if quick is not None:
+                self.hits[volume.name] += 1
+                if key not in self._writers:
+                    self._memory_put(key, quick)
+                return quick
         opener = getattr(volume, "open", None)
         if opener is None:
             found = await self._call(volume.name, "get", key, lambda: volume.get(key))

@@ -9,9 +9,11 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from proxy.speak import CacheKey, valid_id
 from proxy.storage.base import Entry, EntryMeta
@@ -33,6 +35,10 @@ TMP_PREFIX = ".tmp-"
 # A sidecar is a few hundred bytes; anything far larger is not one of ours.
 _MAX_SIDECAR_BYTES = 1_048_576
 _LOCK_STRIPES = 64
+_FOLDER_CACHE = 10_000
+_VERIFIED_CACHE = 10_000
+_HIT_PRECISION_SECONDS = 60.0
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,47 @@ class LocalVolume:
         # in this process: a reader must not see an old sidecar beside a new object (and then
         # remove both as corrupt), and a cancelled await does not release a lock a thread holds.
         self._stripes = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
+        # Folders resolved once (resolving walks every path component with a syscall).
+        self._folders: dict[tuple[str, str, str], Path] = {}
+        # What was verified, by the file identities it was verified on: a hit whose sidecar and
+        # object are still those files (same inode, size, mtime) skips re-hashing the body.
+        # Writes replace files by rename, so any rewrite shows up as another inode.
+        self._verified: dict[CacheKey, _Verified] = {}
+        self._last_hit_recorded: dict[CacheKey, float] = {}
+
+    def get_nowait(self, key: CacheKey) -> Entry | None:
+        """A hit read on the event loop, only when it cannot block; None means "ask get()".
+
+        Only entries verified before qualify (their folder and files are in the kernel's
+        caches), and the body is read with RWF_NOWAIT: data not in the page cache makes the
+        read fail at once instead of waiting for the disk.
+        """
+        known = self._verified.get(key)
+        folder = self._folders.get((key.user, key.thread_id, key.message_id))
+        if known is None or folder is None or _NOWAIT is None:
+            return None
+        try:
+            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
+            fd = os.open(folder / known.object_name, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if (sidecar.st_ino, sidecar.st_size) != known.sidecar:
+                return None
+            if _identity(os.fstat(fd)) != known.object:
+                return None
+            body = bytearray(known.meta.length)
+            if os.preadv(fd, [body], 0, _NOWAIT) != known.meta.length:
+                return None
+        except OSError:
+            return None  # EAGAIN: not in the page cache; the thread will wait for the disk
+        finally:
+            os.close(fd)
+        if time.monotonic() - self._last_hit_recorded.get(key, -_HIT_PRECISION_SECONDS) >= (
+            _HIT_PRECISION_SECONDS
+        ):
+            return None  # time to record a hit: that write belongs in the thread
+        return Entry(known.meta, bytes(body))
 
     def location(self, key: CacheKey, content_type: str) -> str:
         """Where the object for `key` lives (what the index and legacy metadata record)."""
@@ -145,9 +192,25 @@ class LocalVolume:
     def _lock(self, key: CacheKey) -> threading.Lock:
         return self._stripes[hash(key) % _LOCK_STRIPES]
 
+    def _entry_folder(self, key: CacheKey) -> Path:
+        parts = (key.user, key.thread_id, key.message_id)
+        folder = self._folders.get(parts)
+        if folder is None:
+            folder = self._folder(*parts)
+            if len(self._folders) >= _FOLDER_CACHE:
+                self._folders.clear()
+            self._folders[parts] = folder
+        return folder
+
     def _get_sync(self, key: CacheKey) -> Entry | None:
-        folder = self._folder(key.user, key.thread_id, key.message_id)
+        folder = self._entry_folder(key)
         with self._lock(key):
+            known = self._verified.get(key)
+            if known is not None:
+                entry = self._reread(folder, key, known)
+                if entry is not None:
+                    return entry
+                self._verified.pop(key, None)
             try:
                 raw = _read_bounded(folder / f"{key.voice}{SIDECAR_SUFFIX}", _MAX_SIDECAR_BYTES)
             except (FileNotFoundError, NotADirectoryError):
@@ -165,8 +228,50 @@ class LocalVolume:
             if entry is None or not entry.intact():
                 _remove_entry(folder, key.voice)
                 return None
-            _record_hit(folder / f"{key.voice}{SIDECAR_SUFFIX}")
+            self._remember(folder, key, meta, object_name)
+            self._note_hit(folder, key)
             return entry
+
+    def _reread(self, folder: Path, key: CacheKey, known: _Verified) -> Entry | None:
+        """The entry again, when its sidecar and object are the very files verified before."""
+        try:
+            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
+            with open(folder / known.object_name, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                if (sidecar.st_ino, sidecar.st_size) != known.sidecar or _identity(
+                    status
+                ) != known.object:
+                    return None
+                body = handle.read(known.meta.length + 1)
+        except OSError:
+            return None
+        if len(body) != known.meta.length:
+            return None
+        self._note_hit(folder, key)
+        return Entry(known.meta, body)
+
+    def _remember(self, folder: Path, key: CacheKey, meta: EntryMeta, object_name: str) -> None:
+        try:
+            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
+            status = os.stat(folder / object_name)
+        except OSError:
+            return
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[key] = _Verified(
+            meta, object_name, (sidecar.st_ino, sidecar.st_size), _identity(status)
+        )
+
+    def _note_hit(self, folder: Path, key: CacheKey) -> None:
+        # The janitor reads the sidecar's mtime as the last hit; a minute's precision is plenty,
+        # and it spares a syscall on most hits.
+        now = time.monotonic()
+        if now - self._last_hit_recorded.get(key, -_HIT_PRECISION_SECONDS) < _HIT_PRECISION_SECONDS:
+            return
+        if len(self._last_hit_recorded) >= _VERIFIED_CACHE:
+            self._last_hit_recorded.clear()
+        self._last_hit_recorded[key] = now
+        _record_hit(folder / f"{key.voice}{SIDECAR_SUFFIX}")
 
     def _put_sync(self, key: CacheKey, entry: Entry) -> None:
         if not entry.intact():
@@ -429,6 +534,17 @@ def _prune_empty_folders(base: Path, older_than: float) -> None:
         with contextlib.suppress(OSError):
             if os.stat(folder).st_mtime < older_than:
                 os.rmdir(folder)
+
+
+class _Verified(NamedTuple):
+    meta: EntryMeta
+    object_name: str
+    sidecar: tuple[int, int]  # inode, size: its mtime moves with every recorded hit
+    object: tuple[int, int, int]  # inode, size, mtime in ns
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int]:
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _record_hit(sidecar: Path) -> None:

@@ -209,7 +209,7 @@ class ProviderChain:
         text = await self._speakable(call.speak.text)
         if not text:
             raise UpstreamError(400, "Text has nothing to speak")
-        speaking = dataclasses.replace(call, speak=dataclasses.replace(call.speak, text=text))
+        speaking = dataclasses.replace(call, speak=call.speak._replace(text=text))
         secrets = [s for p in self.providers for s in p.secrets] + [call.speak.text, text]
         errors: list[str] = []
         for attempt, provider in enumerate(self._order(call.speak.provider)):

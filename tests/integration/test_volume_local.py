@@ -82,10 +82,16 @@ async def test_a_new_instance_on_the_same_root_finds_the_entry(tmp_path: Path) -
     assert await LocalVolume(tmp_path).get(KEY) is None  # another prefix is another tree
 
 
+@pytest.mark.parametrize("read_first", [False, True])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "delete"])
-async def test_damaged_object_is_a_miss_and_removed(tmp_path: Path, damage: str) -> None:
+async def test_damaged_object_is_a_miss_and_removed(
+    tmp_path: Path, damage: str, read_first: bool
+) -> None:
     volume = LocalVolume(tmp_path)
     await volume.put(KEY, entry())
+    if read_first:
+        # A verified read is remembered: damage done afterwards must still be caught.
+        assert await volume.get(KEY) == entry()
     obj = folder(tmp_path) / "af_nicole.mp3"
     data = bytearray(obj.read_bytes())
     if damage == "flip":
@@ -328,3 +334,22 @@ async def test_tiered_cache_over_a_real_volume_survives_a_restart(tmp_path: Path
     assert await second.get(KEY) == (stored, "volume")
     assert await second.get(KEY) == (stored, "memory")
     assert second.errors == {}
+
+
+async def test_a_verified_hit_is_read_without_a_thread_and_checked_again(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    stored = entry()
+    await volume.put(KEY, stored)
+    assert volume.get_nowait(KEY) is None  # never verified yet: the thread reads it first
+    assert await volume.get(KEY) == stored
+    quick = volume.get_nowait(KEY)
+    if quick is None:
+        pytest.skip("this filesystem refuses RWF_NOWAIT reads")
+    assert quick == stored
+    # Any rewrite of the object makes the remembered verification worthless.
+    obj = folder(tmp_path) / "af_nicole.mp3"
+    data = bytearray(obj.read_bytes())
+    data[3] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    assert volume.get_nowait(KEY) is None
+    assert await volume.get(KEY) is None
