@@ -10,10 +10,11 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from proxy.speak import CacheKey, valid_id
 from proxy.storage.base import Entry, EntryMeta
@@ -35,6 +36,7 @@ TMP_PREFIX = ".tmp-"
 # A sidecar is a few hundred bytes; anything far larger is not one of ours.
 _MAX_SIDECAR_BYTES = 1_048_576
 _LOCK_STRIPES = 64
+T = TypeVar("T")
 _FOLDER_CACHE = 10_000
 _VERIFIED_CACHE = 10_000
 _HIT_PRECISION_SECONDS = 60.0
@@ -85,6 +87,10 @@ class LocalVolume:
         # Writes replace files by rename, so any rewrite shows up as another inode.
         self._verified: dict[CacheKey, _Verified] = {}
         self._last_hit_recorded: dict[CacheKey, float] = {}
+        # Reads get threads of their own: a hit or a miss's lookup must not queue behind writes
+        # waiting for fsync, nor behind the janitor's walks.
+        self._read_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="volume-read")
+        self._write_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volume-write")
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """A hit read on the event loop, only when it cannot block; None means "ask get()".
@@ -129,17 +135,17 @@ class LocalVolume:
     async def get(self, key: CacheKey) -> Entry | None:
         """The entry under `key`, or None; a corrupt or malformed entry is removed and missed."""
         _require_valid(key)
-        return await asyncio.to_thread(self._get_sync, key)
+        return await self._in(self._read_pool, self._get_sync, key)
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
         _require_valid(key)
-        await asyncio.to_thread(self._put_sync, key, entry)
+        await self._in(self._write_pool, self._put_sync, key, entry)
 
     async def delete(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
         _require_valid(key)
-        await asyncio.to_thread(self._delete_sync, key)
+        await self._in(self._write_pool, self._delete_sync, key)
 
     async def delete_prefix(
         self, user: str, thread_id: str | None = None, message_id: str | None = None
@@ -150,24 +156,24 @@ class LocalVolume:
         parts = [part for part in (user, thread_id, message_id) if part is not None]
         if not all(valid_id(part) for part in parts):
             raise ValueError("invalid id")
-        return await asyncio.to_thread(self._delete_tree_sync, parts)
+        return await self._in(self._write_pool, self._delete_tree_sync, parts)
 
     async def clean_leftovers(self) -> int:
         """Remove temporary files a crash left behind; return how many."""
-        return await asyncio.to_thread(self._clean_leftovers_sync)
+        return await self._in(self._write_pool, self._clean_leftovers_sync)
 
     async def exists(self, key: CacheKey) -> bool:
         """True when `key` has a valid sidecar and an object of the length it records."""
         _require_valid(key)
-        return await asyncio.to_thread(self._exists_sync, key)
+        return await self._in(self._read_pool, self._exists_sync, key)
 
     async def scan(self) -> list[StoredEntryInfo]:
         """Every entry with an object: created = object mtime, last hit = sidecar mtime."""
-        return await asyncio.to_thread(self._scan_sync)
+        return await self._in(self._write_pool, self._scan_sync)
 
     async def record_hits(self, hits: Mapping[CacheKey, float]) -> int:
         """Move the sidecars' mtimes forward to hits seen elsewhere (memory); return how many."""
-        return await asyncio.to_thread(self._record_hits_sync, dict(hits))
+        return await self._in(self._write_pool, self._record_hits_sync, dict(hits))
 
     async def clean_orphans(self, *, limit: int, older_than: float) -> int:
         """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
@@ -176,10 +182,15 @@ class LocalVolume:
         object. Anything younger is left alone: it may be a write in progress in another process.
         Empty folders that old are pruned too (not counted).
         """
-        return await asyncio.to_thread(self._clean_orphans_sync, limit, older_than)
+        return await self._in(self._write_pool, self._clean_orphans_sync, limit, older_than)
 
     async def aclose(self) -> None:
-        """Nothing stays open between operations."""
+        """Let queued operations finish, then stop the threads."""
+        for pool in (self._read_pool, self._write_pool):
+            await asyncio.to_thread(pool.shutdown, wait=True)
+
+    async def _in(self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
 
     # Everything below runs in a worker thread.
 
