@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 CACHE_STATUS: Final = "tts-cache-proxy"
 # Prebuilt hit headers kept at once; a full map is simply dropped and rebuilt as hits come.
-REPLAY_HEADER_CACHE: Final = 10_000
+REPLAY_HEADER_CACHE: Final = 2_048
 DISABLED: Final = {"X-TTS-Cache": "disabled", "Cache-Status": f"{CACHE_STATUS}; fwd=bypass"}
 
 
@@ -68,7 +68,7 @@ class TtsCache:
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
-    _replay_headers: dict[tuple[CacheKey, str], tuple[Entry, CIMultiDict[str]]] = field(
+    _replay_headers: dict[tuple[CacheKey, str], tuple[EntryMeta, CIMultiDict[str]]] = field(
         default_factory=dict, init=False, repr=False
     )
     _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
@@ -216,11 +216,13 @@ class TtsCache:
     def _replay(self, key: CacheKey, entry: Entry, tier: str) -> web.Response:
         """The stored response; its headers are built once per entry and tier, then reused."""
         cached = self._replay_headers.get((key, tier))
-        if cached is None or cached[0] is not entry:
+        # Keyed by the entry's metadata, not the entry: holding bodies here would keep entries
+        # the memory tier has evicted alive, past its byte bound.
+        if cached is None or cached[0] is not entry.meta:
             headers = hit_headers(key, entry, tier)
             if len(self._replay_headers) >= REPLAY_HEADER_CACHE:
                 self._replay_headers.clear()
-            self._replay_headers[(key, tier)] = (entry, headers)
+            self._replay_headers[(key, tier)] = (entry.meta, headers)
         else:
             headers = cached[1]
         response = web.Response(status=entry.meta.status, body=entry.body, headers=headers)

@@ -15,14 +15,18 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from databricks.sdk.config import Config
 from multidict import CIMultiDictProxy
 
 from proxy.config import VolumeSettings
+
+if TYPE_CHECKING:
+    # Imported when used: the SDK costs ~45 MiB and most of a second, and a local Volume
+    # never needs it.
+    from databricks.sdk.config import Config
 from proxy.identity import CURRENT_TOKEN
 from proxy.speak import CacheKey, valid_id
 from proxy.storage.base import Entry, EntryMeta
@@ -1056,6 +1060,12 @@ def _env_host() -> str | None:
 
 
 def _build_config(options: Mapping[str, Any]) -> Config:
+    try:
+        from databricks.sdk.config import Config
+    except ImportError as exc:  # pragma: no cover - databricks-sdk is a dependency
+        raise VolumeUnavailable(
+            "install databricks-sdk to use cache.volume.kind = databricks"
+        ) from exc
     return Config(**options)
 
 
