@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LINTED := proxy tests $(wildcard bench)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint typecheck pytest system-deps bench-deps clean
+.PHONY: run test bench lint typecheck pytest system-deps bench-deps screenshots clean
 
 run: $(STAMP)
 	$(BIN)/tts-cache-proxy demo
@@ -26,6 +26,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+
+# The dashboard screenshots in docs/screenshots, from real traffic in headless Chromium.
+screenshots: $(STAMP) system-deps
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -q tests/e2e/test_screenshots.py
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

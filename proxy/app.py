@@ -12,14 +12,23 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.admin.api import API_PREFIX, AdminApi
+from proxy.admin.dashboard import Dashboard
+from proxy.admin.entries import EntryBrowser
+from proxy.admin.entry_pages import EntryPages
+from proxy.admin.history import History
+from proxy.admin.pages import AdminPages, setup_templates
+from proxy.admin.routes import DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.admission import Admission
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.janitor import Janitor
+from proxy.metrics import Metrics, ProxyCollector
 from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
 from proxy.middleware.tts_cache import TtsCache
 from proxy.ownership import OwnershipCheck
+from proxy.readiness import Readiness, readiness_session
+from proxy.request_context import send_request_id
 from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry, Tier
@@ -48,6 +57,9 @@ ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
 SYNTHESIZER: Final = web.AppKey("synthesizer", ProviderChain)
 JANITOR: Final = web.AppKey("janitor", Janitor)
 DISK_GUARD: Final = web.AppKey("disk_guard", DiskGuard)
+HISTORY: Final = web.AppKey("history", History)
+METRICS: Final = web.AppKey("metrics", Metrics)
+READINESS: Final = web.AppKey("readiness", Readiness)
 
 T = TypeVar("T")
 
@@ -63,7 +75,7 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
 def create_app(settings: Settings) -> web.Application:
     """The proxy application for `settings`."""
     check_credentials(settings.upstream)
-    app = web.Application()
+    app = web.Application(client_max_size=max(settings.tts.max_body_bytes, 1024**2))
     app[SETTINGS] = settings
     app[IDENTITY] = IdentityResolver(settings.identity)
     app[STATS] = CacheStats()
@@ -73,11 +85,18 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_cache_tiers)
     app.cleanup_ctx.append(_housekeeping)
     app.cleanup_ctx.append(_plugins)
+    app.cleanup_ctx.append(_operator_view)
+    # The request id header, without a middleware on the hot path.
+    app.on_response_prepare.append(send_request_id)
+    setup_templates(app)
 
     app.router.add_get("/_proxy/health", health)
+    app.router.add_get("/_proxy/ready", ready)
+    app.router.add_get("/_proxy/metrics", metrics)
     app.router.add_get(AUDIO_ROUTE, audio)
     app.router.add_delete(f"{API_PREFIX}/entries", admin_purge)
     app.router.add_get(f"{API_PREFIX}/stats", admin_stats)
+    add_dashboard_routes(app)
     for path in settings.tts.speak_paths:
         app.router.add_post(path, speak)
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -87,6 +106,16 @@ def create_app(settings: Settings) -> web.Application:
 async def health(request: web.Request) -> web.Response:
     """200 while the process serves; never touches the upstream."""
     return web.json_response({"status": "ok", "version": __version__})
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    """200 when the upstream, the Volume and the index answer; 503 naming those that do not."""
+    return await request.app[READINESS].handle(request)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Prometheus text; open, as most exporters are (it carries no user data)."""
+    return await request.app[METRICS].handle(request)
 
 
 async def speak(request: web.Request) -> web.StreamResponse:
@@ -119,7 +148,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     session = client_session(settings.upstream)
-    app[UPSTREAM] = HttpUpstream(settings.upstream, session)
+    app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
     chain = build_synthesizer(settings, session)
     if chain is not None:
         app[SYNTHESIZER] = chain
@@ -254,3 +283,29 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield
+
+
+async def _operator_view(app: web.Application) -> AsyncIterator[None]:
+    """History, metrics, readiness and the dashboard: what operators look at."""
+    settings = get_state(app, SETTINGS)
+    api = get_state(app, ADMIN_API)
+    history = History(app[STATS], janitor=app.get(JANITOR))
+    app[HISTORY] = history
+    collector = ProxyCollector(app[STATS], api.cache, index=api.index, janitor=api.janitor)
+    app[METRICS] = Metrics(collector, api.snapshot)
+    session = readiness_session()
+    app[READINESS] = Readiness(
+        upstream_url=settings.upstream.url,
+        session=session,
+        volume=app.get(VOLUME),
+        index=app.get(INDEX),
+    )
+    pages = AdminPages(settings.admin.token, app[IDENTITY])
+    browser = EntryBrowser(api.cache, api.index)
+    app[DASHBOARD] = Dashboard(pages, settings, api, history, browser)
+    app[ENTRY_PAGES] = EntryPages(pages, api, browser)
+    sampler = asyncio.create_task(history.run(), name="history")
+    yield
+    sampler.cancel()
+    await asyncio.wait({sampler})
+    await session.close()

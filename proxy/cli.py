@@ -138,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
     if workers > 1:
         return _serve_workers(settings, workers)
+    from proxy.access_log import access_log_options
     from proxy.app import create_app
 
     app = create_app(settings)
@@ -146,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
-        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+        **access_log_options(settings),
         loop=new_event_loop(),
         print=lambda message: print(message, file=sys.stderr, flush=True),
     )
@@ -247,6 +248,7 @@ def _signal_workers(workers: Sequence[ForkProcess], signum: int) -> None:
 
 def _worker_main(settings: Settings, parent: int) -> None:
     """One worker: the single-process server, on a port it shares with its siblings."""
+    from proxy.access_log import access_log_options
     from proxy.app import create_app
 
     _die_with_parent(parent)
@@ -269,7 +271,7 @@ def _worker_main(settings: Settings, parent: int) -> None:
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
-        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+        **access_log_options(settings),
         loop=loop,
         handle_signals=False,
         reuse_port=True,
@@ -303,13 +305,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _run_demo(settings: Settings, backend_port: int) -> None:
+    from proxy.access_log import access_log_options
     from proxy.app import create_app
     from proxy.demo import create_demo_app
 
     host, port = settings.server.host, settings.server.port
     backend = web.AppRunner(create_demo_app())
     proxy = web.AppRunner(
-        create_app(settings), shutdown_timeout=settings.server.shutdown_timeout_seconds
+        create_app(settings),
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        **access_log_options(settings),
     )
     await backend.setup()
     await proxy.setup()

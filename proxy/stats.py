@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from proxy.latency import Latency
+
+# The X-TTS-Cache outcomes whose response times are kept.
+TIMED_OUTCOMES = ("hit", "miss", "disabled")
+
+
+def _timed_outcomes() -> dict[str, Latency]:
+    return {outcome: Latency() for outcome in TIMED_OUTCOMES}
 
 
 @dataclass
@@ -17,3 +27,17 @@ class CacheStats:
     stored: int = 0
     upstream_calls: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    # Response time of speak requests by outcome, observed by the access logger.
+    request_seconds: dict[str, Latency] = field(default_factory=_timed_outcomes)
+    # Time to the upstream's response headers, observed by HttpUpstream.
+    upstream_seconds: Latency = field(default_factory=Latency)
+    # Entries the janitor removed, by reason, summed over its runs (see note_janitor_run).
+    evictions: Counter[str] = field(default_factory=Counter)
+    janitor_runs_seen: int = 0
+
+    def note_janitor_run(self, runs: int, evicted: Mapping[str, int]) -> None:
+        """Add the janitor's last report once per run: `runs` is its run counter."""
+        if runs == self.janitor_runs_seen:
+            return
+        self.janitor_runs_seen = runs
+        self.evictions.update({reason: n for reason, n in evicted.items() if n})

@@ -4,6 +4,11 @@ set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# The dashboard's browser tests drive headless Chromium through chromedriver (selenium).
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+  missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromedriver ] ||
+  missing+=(chromium-driver)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -11,6 +11,7 @@ from proxy.middleware.tts_cache import meta_headers
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
 from proxy.speak import CacheKey
+from proxy.storage.base import Entry
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.http import json_error
 
@@ -41,26 +42,31 @@ class AudioUrl:
         if found is None:
             return json_error(404, "no such audio")
         entry, tier = found
-        headers = meta_headers(entry.meta, tier)
-        headers[hdrs.ACCEPT_RANGES] = "bytes"
-        headers["X-TTS-Cache"] = "hit"
-        # Responses vary by who asks: shared caches must not reuse them across users.
-        headers[hdrs.CACHE_CONTROL] = "private, no-cache"
-        if etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), entry.meta.etag):
-            for name in (hdrs.CONTENT_TYPE, "Content-Language"):
-                headers.popall(name, None)
-            return web.Response(status=304, headers=headers)
-        range_header = request.headers.get(hdrs.RANGE)
-        if_range = request.headers.get(hdrs.IF_RANGE)
-        if if_range is not None and if_range.strip() != entry.meta.etag:
-            range_header = None
-        try:
-            wanted = parse_range(range_header, entry.meta.length)
-        except Unsatisfiable:
-            headers[hdrs.CONTENT_RANGE] = f"bytes */{entry.meta.length}"
-            return web.Response(status=416, headers=headers)
-        if wanted is None:
-            return web.Response(body=entry.body, headers=headers)
-        headers[hdrs.CONTENT_RANGE] = wanted.content_range()
-        body = entry.body[wanted.first : wanted.last + 1]
-        return web.Response(status=206, body=body, headers=headers)
+        return serve_entry(request, entry, tier)
+
+
+def serve_entry(request: web.BaseRequest, entry: Entry, tier: str) -> web.Response:
+    """A cached entry as a GET/HEAD answer: 200, 206 for a Range, 304 on a matching ETag, 416."""
+    headers = meta_headers(entry.meta, tier)
+    headers[hdrs.ACCEPT_RANGES] = "bytes"
+    headers["X-TTS-Cache"] = "hit"
+    # Responses vary by who asks: shared caches must not reuse them across users.
+    headers[hdrs.CACHE_CONTROL] = "private, no-cache"
+    if etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), entry.meta.etag):
+        for name in (hdrs.CONTENT_TYPE, "Content-Language"):
+            headers.popall(name, None)
+        return web.Response(status=304, headers=headers)
+    range_header = request.headers.get(hdrs.RANGE)
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if if_range is not None and if_range.strip() != entry.meta.etag:
+        range_header = None
+    try:
+        wanted = parse_range(range_header, entry.meta.length)
+    except Unsatisfiable:
+        headers[hdrs.CONTENT_RANGE] = f"bytes */{entry.meta.length}"
+        return web.Response(status=416, headers=headers)
+    if wanted is None:
+        return web.Response(body=entry.body, headers=headers)
+    headers[hdrs.CONTENT_RANGE] = wanted.content_range()
+    body = entry.body[wanted.first : wanted.last + 1]
+    return web.Response(status=206, body=body, headers=headers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
@@ -13,6 +14,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
+from proxy.request_context import REQUEST_ID_HEADER, UPSTREAM_SECONDS, request_id
+from proxy.stats import CacheStats
 from proxy.upstreams.base import SpeakCall, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -89,10 +92,17 @@ def client_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
 class HttpUpstream:
     """The legacy backend: forwards anything, and opens speak misses."""
 
-    def __init__(self, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        *,
+        stats: CacheStats | None = None,
+    ) -> None:
         self._base = URL(settings.url.rstrip("/"))
         self._base_path = self._base.raw_path.rstrip("/")
         self._session = session
+        self._stats = stats
 
     def url_for(self, raw_path: str) -> URL:
         """The upstream URL for a client's raw path and query, unchanged."""
@@ -110,6 +120,7 @@ class HttpUpstream:
         if request.host:
             out.setdefault("X-Forwarded-Host", request.host)
         out.add(hdrs.VIA, VIA)
+        out[REQUEST_ID_HEADER] = request_id(request)
         return out
 
     async def forward(
@@ -132,6 +143,7 @@ class HttpUpstream:
             data = _stream_body(request)
         else:
             data = None
+        started = time.monotonic()
         try:
             upstream = await self._session.request(
                 request.method,
@@ -141,8 +153,10 @@ class HttpUpstream:
                 allow_redirects=False,
             )
         except Exception as exc:
+            self._timed(request, started, failed=True)
             error = as_upstream_error(exc)
             return json_error(error.status, error.detail, headers=extra_headers)
+        self._timed(request, started, failed=upstream.status >= 500)
         try:
             return await relay(request, upstream, extra_headers)
         finally:
@@ -152,6 +166,7 @@ class HttpUpstream:
         """POST a speak miss to the backend and return its streamed response."""
         outgoing = self.outgoing_headers(call.request, call.headers)
         outgoing.popall(hdrs.CONTENT_LENGTH, None)
+        started = time.monotonic()
         try:
             response = await self._session.post(
                 self.url_for(call.request.raw_path),
@@ -160,8 +175,20 @@ class HttpUpstream:
                 allow_redirects=False,
             )
         except Exception as exc:
+            self._timed(call.request, started, failed=True)
             raise as_upstream_error(exc) from exc
+        self._timed(call.request, started, failed=response.status >= 500)
         return ClientStream(response)
+
+    def _timed(self, request: web.BaseRequest, started: float, *, failed: bool) -> None:
+        """Time to the upstream's headers: on the request (access log) and in the stats."""
+        seconds = time.monotonic() - started
+        request[UPSTREAM_SECONDS] = seconds
+        stats = self._stats
+        if stats is not None:
+            stats.upstream_seconds.observe(seconds)
+            if failed:
+                stats.errors["upstream"] += 1
 
     async def _forward_websocket(
         self, request: web.Request, headers: Headers

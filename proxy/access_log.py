@@ -1,0 +1,165 @@
+"""One JSON line per request (logger `proxy.access`), written after the response by aiohttp."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from json.encoder import encode_basestring_ascii
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.app import IDENTITY, STATS
+from proxy.config import Settings
+from proxy.log_lines import LineWriter
+from proxy.request_context import REQUEST_ID, UPSTREAM_SECONDS
+from proxy.speak import CacheKey
+from proxy.stats import CacheStats
+
+ACCESS_LOGGER: Final = "proxy.access"
+AUDIO_PREFIX: Final = "/_proxy/audio/"
+# Our own routes whose paths carry ids: logged as their template, never with the ids.
+OWN_PREFIX: Final = "/_proxy/"
+
+log = logging.getLogger(__name__)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Logs a request without its text, token or ids, and times speak responses by outcome."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        # The CLI's writer takes finished lines directly: a LogRecord per request costs more
+        # than the rest of the line.
+        handlers = logger.handlers
+        direct = len(handlers) == 1 and not logger.propagate
+        self._writer = handlers[0] if direct and isinstance(handlers[0], LineWriter) else None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Called by aiohttp once the response is sent."""
+        try:
+            self._log(request, response, time)
+        except Exception as exc:  # a log line must never break serving
+            log.debug("access log failed: %s", type(exc).__name__)
+
+    def _log(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
+        app: web.Application | None = getattr(request, "app", None)
+        headers = response.headers
+        outcome = headers.get("X-TTS-Cache")
+        stats = _stats(app)
+        # Speak calls are POSTs; the audio URLs (GET, also X-TTS-Cache: hit) are not timed.
+        if outcome is not None and stats is not None and request.method == "POST":
+            timed = stats.request_seconds.get(outcome)
+            if timed is not None:
+                timed.observe(seconds)
+        writer = self._writer
+        if writer is None and not self.logger.isEnabledFor(logging.INFO):
+            return
+        upstream = request.get(UPSTREAM_SECONDS)
+        # Built by hand: a dict through json's encoder costs several times more, per request.
+        line = (
+            f'{{"ts":{time.time():.3f},'
+            f'"request_id":{_text(request.get(REQUEST_ID) or headers.get("X-Request-Id"))},'
+            f'"method":{_text(request.method)},'
+            f'"path":{_text(logged_path(request))},'
+            f'"status":{response.status},'
+            f'"cache":{_text(outcome)},'
+            f'"tier":{_text(headers.get("X-TTS-Cache-Tier"))},'
+            f'"key":{_text(key_digest(request, response))},'
+            f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.2f}"},'
+            f'"total_ms":{seconds * 1000:.2f}}}'
+        )
+        if writer is not None:
+            writer.put(line)
+        else:
+            self.logger.info(line)
+
+
+def _text(value: str | None) -> str:
+    """A JSON string (escaped, ASCII) or null."""
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def _stats(app: web.Application | None) -> CacheStats | None:
+    return None if app is None else app.get(STATS)
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    """The path without its query; our own id-carrying routes as their template."""
+    path = request.path
+    if not path.startswith(OWN_PREFIX):
+        return path
+    match_info = getattr(request, "match_info", None)
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    if isinstance(canonical, str) and canonical.startswith(OWN_PREFIX):
+        return canonical
+    return path
+
+
+def key_digest(request: web.BaseRequest, response: web.StreamResponse) -> str | None:
+    """The hash of the cache key the response concerns, from its audio URL; None otherwise."""
+    app: web.Application | None = getattr(request, "app", None)
+    info: Any = getattr(request, "match_info", None)
+    if app is None or IDENTITY not in app:
+        return None
+    if info is not None and "voice" in info and "message" in info:
+        # An audio URL: the admin one names the user, the user's own one is the requester's.
+        user = info.get("user")
+        if user is None:
+            identity = app[IDENTITY].resolve(request)
+            user = identity.user if identity is not None else None
+        if user is None:
+            return None
+        return _digest(user, info["thread"], info["message"], info["voice"])
+    location = response.headers.get("Content-Location")
+    if location is None or not location.startswith(AUDIO_PREFIX):
+        return None
+    # Only a believed user's speak response names its audio: the identity header is theirs.
+    user = request.headers.get(app[IDENTITY].user_header, "").strip()
+    ids = location[len(AUDIO_PREFIX) :].split("/")
+    return _digest(user, *ids) if user and len(ids) == 3 else None
+
+
+_DIGESTS: dict[tuple[str, ...], str] = {}
+_MAX_DIGESTS: Final = 4096
+
+
+def _digest(*parts: str) -> str:
+    """CacheKey(...).digest(), remembered for the keys seen lately (a hit repeats its key)."""
+    known = _DIGESTS.get(parts)
+    if known is None:
+        user, thread, message, voice = parts
+        known = CacheKey(user, thread, message, voice).digest()
+        if len(_DIGESTS) >= _MAX_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[parts] = known
+    return known
+
+
+def access_log_options(settings: Settings, *, standalone: bool = True) -> dict[str, Any]:
+    """The `access_log` / `access_log_class` arguments of run_app and AppRunner.
+
+    `server.access_log = false` gives no logger at all. `standalone` (the CLI) writes the lines
+    to stderr as bare JSON, from a thread, not through the root logger's prefixed format.
+    """
+    if not settings.server.access_log:
+        return {"access_log": None, "access_log_class": AccessLogger}
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if standalone and not logger.handlers:
+        write_from_a_thread(logger)
+    return {"access_log": logger, "access_log_class": AccessLogger}
+
+
+def write_from_a_thread(logger: logging.Logger) -> None:
+    """Send `logger`'s lines to stderr, bare, from a writer thread: never from the event loop."""
+    writer = LineWriter(sys.stderr)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(writer)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

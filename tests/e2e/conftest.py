@@ -1,0 +1,61 @@
+"""Fixtures for the browser tests: the servers' loop, a test's servers, headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.live import CHROMIUM_FLAGS, LiveLoop, LiveStack, chromium_paths
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveLoop]:
+    """The module's server loop."""
+    loop = LiveLoop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def stack(live: LiveLoop) -> Iterator[LiveStack]:
+    """A test's servers, stopped after it."""
+    servers = LiveStack(live)
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium through chromedriver, with a fresh profile; skipped when absent."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    paths = chromium_paths()
+    if paths is None:
+        pytest.skip(
+            "chromium and chromedriver not found: install Debian's chromium and "
+            "chromium-driver (make test does, as root)"
+        )
+    binary, driver_path = paths
+    profile = tempfile.mkdtemp(prefix="tts-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,900"):
+        options.add_argument(flag)
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
