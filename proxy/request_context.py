@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from typing import Final
 
 from aiohttp import web
@@ -14,6 +15,25 @@ UPSTREAM_SECONDS: Final = web.RequestKey("upstream_seconds", float)
 
 # A client's id is passed through only when it looks like an id: no spaces, no text, bounded.
 _SANE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# New ids: a random prefix per process and a counter. Unique across processes and restarts
+# without a system call per request, as a uuid4 would cost.
+_prefix = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def _reseed() -> None:
+    global _prefix, _counter
+    _prefix = os.urandom(6).hex()
+    _counter = itertools.count(1)
+
+
+# `serve --workers` forks: each worker needs a prefix of its own.
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_request_id() -> str:
+    """A fresh request id, unique across processes."""
+    return f"{_prefix}-{next(_counter):x}"
 
 
 def request_id(request: web.BaseRequest) -> str:
@@ -21,11 +41,18 @@ def request_id(request: web.BaseRequest) -> str:
     if REQUEST_ID in request:
         return request[REQUEST_ID]
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    chosen = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+    chosen = given if given and _SANE_ID.fullmatch(given) else new_request_id()
     request[REQUEST_ID] = chosen
     return chosen
 
 
+def client_or_new_id(request: web.BaseRequest) -> str:
+    """The client's sane X-Request-Id, or a new id; for responses nothing else needs the id of."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if given and _SANE_ID.fullmatch(given) else new_request_id()
+
+
 async def send_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """on_response_prepare: every response names its request id."""
-    response.headers[REQUEST_ID_HEADER] = request_id(request)
+    if REQUEST_ID_HEADER not in response.headers:  # a hit sets it itself, more cheaply
+        response.headers[REQUEST_ID_HEADER] = request_id(request)

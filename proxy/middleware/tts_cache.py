@@ -17,6 +17,7 @@ from proxy.fill import Fill, FillBroken, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
+from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry, EntryMeta, EntryStream
@@ -126,7 +127,7 @@ class TtsCache:
                 self.janitor.record_hit(key)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("hit %s in %s", key.digest(), tier)
-            return self._replay(key, entry, tier)
+            return self._replay(request, key, entry, tier)
         # 7. one fill per key
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
@@ -213,7 +214,7 @@ class TtsCache:
             self._parsed[memo_key] = parsed
         return parsed
 
-    def _replay(self, key: CacheKey, entry: Entry, tier: str) -> web.Response:
+    def _replay(self, request: web.Request, key: CacheKey, entry: Entry, tier: str) -> web.Response:
         """The stored response; its headers are built once per entry and tier, then reused."""
         cached = self._replay_headers.get((key, tier))
         # Keyed by the entry's metadata, not the entry: holding bodies here would keep entries
@@ -226,7 +227,10 @@ class TtsCache:
         else:
             headers = cached[1]
         response = web.Response(status=entry.meta.status, body=entry.body, headers=headers)
-        response.headers[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+        extra = response.headers
+        extra[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+        # Nothing went upstream, so no one else needs this id: set here, not by the signal.
+        extra[REQUEST_ID_HEADER] = client_or_new_id(request)
         return response
 
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
