@@ -27,11 +27,16 @@ class TieredCache:
         timeout_seconds: float,
         logger: logging.Logger,
         after_volume_write: AfterVolumeWrite | None = None,
+        max_pending_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be greater than 0")
         self.memory = memory
         self.volume = volume
+        # Entries waiting for their Volume write are held in memory beside the memory tier: past
+        # this many bytes, new writes are skipped (counted) rather than let memory grow unbounded.
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self.timeout_seconds = timeout_seconds
         self.hits: Counter[str] = Counter()
         self.misses = 0
@@ -131,12 +136,20 @@ class TieredCache:
         volume = self.volume
         if volume is None:
             return
+        replaced = self._queued.get(key)
+        growth = entry.meta.length - (replaced.meta.length if replaced is not None else 0)
+        if self._pending_bytes + growth > self.max_pending_bytes:
+            self.errors["volume_backlog"] += 1
+            self._logger.warning("volume write skipped for key %s: backlog full", key.digest())
+            return
+        self._pending_bytes += growth
         self._queued[key] = entry
         if key in self._writers:
             return
         try:
             task = asyncio.get_running_loop().create_task(self._write_behind(volume, key))
         except RuntimeError as exc:
+            self._pending_bytes -= entry.meta.length
             self._queued.pop(key, None)
             self._failed(volume.name, "put", key, exc)
             return
@@ -144,7 +157,9 @@ class TieredCache:
 
     async def delete(self, key: CacheKey) -> None:
         """Remove `key` from every tier, after any volume write already in flight for it."""
-        self._queued.pop(key, None)
+        dropped = self._queued.pop(key, None)
+        if dropped is not None:
+            self._pending_bytes -= dropped.meta.length
         memory = self.memory
         if memory is not None:
             await self._call(memory.name, "delete", key, lambda: memory.delete(key))
@@ -161,7 +176,9 @@ class TieredCache:
         Returns how many memory entries went. The Volume itself is the caller's to clear after.
         """
         for key in [k for k in self._queued if covers(k)]:
-            self._queued.pop(key, None)
+            dropped = self._queued.pop(key, None)
+            if dropped is not None:
+                self._pending_bytes -= dropped.meta.length
         writing = [task for key, task in self._writers.items() if covers(key)]
         if writing:
             await asyncio.wait(writing)
@@ -192,9 +209,12 @@ class TieredCache:
     async def _write_behind(self, volume: Tier, key: CacheKey) -> None:
         try:
             while (entry := self._queued.pop(key, None)) is not None:
-                written = await self._call(
-                    volume.name, "put", key, lambda: _done(volume.put(key, entry))
-                )
+                try:
+                    written = await self._call(
+                        volume.name, "put", key, lambda: _done(volume.put(key, entry))
+                    )
+                finally:
+                    self._pending_bytes -= entry.meta.length
                 if written and self._after_volume_write is not None:
                     await self._notify_written(key, entry)
         finally:

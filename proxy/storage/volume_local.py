@@ -90,7 +90,7 @@ class LocalVolume:
         # Reads get threads of their own: a hit or a miss's lookup must not queue behind writes
         # waiting for fsync, nor behind the janitor's walks.
         self._read_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="volume-read")
-        self._write_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volume-write")
+        self._write_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="volume-write")
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """A hit read on the event loop, only when it cannot block; None means "ask get()".

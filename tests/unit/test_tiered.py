@@ -275,3 +275,21 @@ async def test_aclose_drains_then_closes_the_tiers() -> None:
 
     assert volume.writes == [b"audio"]
     assert volume.closed
+
+
+async def test_a_write_backlog_is_bounded_in_bytes() -> None:
+    gated = GatedVolume()
+    tiers = TieredCache(
+        memory(), gated, timeout_seconds=5.0, logger=logging.getLogger("t"), max_pending_bytes=12
+    )
+    keys = [CacheKey("u", "t", f"m{i}", "v") for i in range(4)]
+    for key in keys:
+        tiers.put(key, entry(b"12345"))  # 5 bytes each: two fit in the 12-byte backlog
+    assert tiers.errors["volume_backlog"] == 2
+    assert all(tiers.get_memory(key) is not None for key in keys)  # memory has them all
+    gated.gate.set()
+    await tiers.drain()
+    assert sorted(gated.entries) == keys[:2]
+    tiers.put(keys[3], entry(b"12345"))  # the backlog drained: writes resume
+    await tiers.drain()
+    assert keys[3] in gated.entries
