@@ -29,7 +29,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Beyond shutdown_timeout_seconds, how long the parent waits for a draining worker before SIGKILL.
 WORKER_EXIT_MARGIN_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 log = logging.getLogger("proxy.cli")
 
@@ -134,7 +133,6 @@ def _serve(args: argparse.Namespace) -> int:
         args,
         **{"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None)},
     )
-    return_large_buffers_to_the_system()
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
@@ -359,22 +357,6 @@ def _demo_banner(host: str, port: int, backend_port: int) -> str:
             "Ctrl-C stops both.",
         ]
     )
-
-
-def return_large_buffers_to_the_system() -> None:
-    """Give audio-sized buffers their own mappings, so freeing one returns it to the system.
-
-    glibc raises its mmap threshold each time a large buffer is freed; after that, 64 KiB bodies
-    come from the heap, and a cache that churns through them leaves the heap fragmented: resident
-    memory ends far above the memory tier's bound. A fixed threshold keeps it near the bound.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
