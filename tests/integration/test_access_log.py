@@ -36,6 +36,9 @@ FIELDS = {
     "total_ms",
 }
 
+# What the proxy makes when the client sent no usable id: a per-process prefix and a counter.
+NEW_ID = r"[0-9a-f]{12}-[0-9a-f]+"
+
 
 @pytest.fixture
 def access_lines(
@@ -95,7 +98,7 @@ async def test_each_request_is_one_json_line_without_text_tokens_or_ids(
 
     assert speak_hit["cache"] == "hit" and speak_hit["tier"] == "memory"
     assert speak_hit["key"] == key and speak_hit["upstream_ms"] is None
-    assert re.fullmatch(r"[0-9a-f]{32}", speak_hit["request_id"]) and hit.request_id
+    assert re.fullmatch(NEW_ID, speak_hit["request_id"]) and hit.request_id
 
     # The audio URL carries the ids: its template is logged, and the key's hash.
     assert audio_line["path"] == "/_proxy/audio/{thread}/{message}/{voice}"
@@ -131,7 +134,7 @@ async def test_the_request_id_is_passed_through_when_sane_and_created_otherwise(
             client, SPEAK, speak_body(message_id="m-9"), headers={**CAROL, "X-Request-Id": hostile}
         )
         assert answer.request_id is not None
-        assert re.fullmatch(r"[0-9a-f]{32}", answer.request_id), hostile
+        assert re.fullmatch(NEW_ID, answer.request_id), hostile
     # A miss forwards the id it answers with.
     assert legacy_backend.speak_headers[-1]["X-Request-Id"] != ""
     first_miss = parsed(caplog)[1]
