@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +34,23 @@ def stack(live: LiveLoop) -> Iterator[LiveStack]:
         servers.close()
 
 
+def _retrying(navigate: Callable[[str], None]) -> Callable[[str], None]:
+    """chromedriver now and then fails a navigation with "unhandled inspector error": retry it."""
+    from selenium.common.exceptions import WebDriverException
+
+    def get(url: str) -> None:
+        for attempt in range(3):
+            try:
+                navigate(url)
+                return
+            except WebDriverException as exc:
+                if attempt == 2 or "inspector error" not in str(exc):
+                    raise
+                time.sleep(0.2)
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium through chromedriver, with a fresh profile; skipped when absent."""
@@ -54,6 +72,7 @@ def browser() -> Iterator[Any]:
     os.environ.setdefault("SE_AVOID_STATS", "true")
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.set_page_load_timeout(20)
+    driver.get = _retrying(driver.get)
     try:
         yield driver
     finally:
