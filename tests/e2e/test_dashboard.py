@@ -21,6 +21,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = "/_proxy/admin"
 
+# chromedriver now and then acts on a node of a page being replaced ("Node with given id does not
+# belong to the document"): a browser test that fails that way gets two more tries, and a real
+# failure fails all three.
+pytestmark = pytest.mark.flaky(reruns=2)
+
 
 @pytest.fixture
 def fake_backend(stack: LiveStack) -> Iterator[FakeLegacyBackend]:
@@ -48,9 +53,21 @@ def chrome(browser: Any) -> Iterator[Any]:
 
 
 def log_in(chrome: Any, proxy: LiveServer, token: str = TOKEN) -> None:
-    chrome.get(f"{proxy.url}{ADMIN}/login")
-    chrome.find_element(By.ID, "token").send_keys(token)
-    click(chrome, chrome.find_element(By.ID, "login"))
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    for attempt in range(3):
+        chrome.get(f"{proxy.url}{ADMIN}/login")
+        try:
+            chrome.find_element(By.ID, "token").send_keys(token)
+            click(chrome, chrome.find_element(By.ID, "login"))
+            return
+        except (StaleElementReferenceException, WebDriverException) as exc:
+            # chromedriver sometimes acts on a node of the page being replaced: start again.
+            transient = isinstance(exc, StaleElementReferenceException) or (
+                "does not belong to the document" in str(exc)
+            )
+            if attempt == 2 or not transient:
+                raise
 
 
 def text_of(chrome: Any, element_id: str) -> str:
