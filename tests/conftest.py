@@ -199,11 +199,35 @@ class ProxyProcess:
 StartProxy = Callable[..., Awaitable[ProxyProcess]]
 
 
+async def spawn_proxy(
+    tmp_path: Path,
+    argv: Sequence[str],
+    *,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    command: Sequence[str] = PROXY_MODULE,
+) -> ProxyProcess:
+    """Start `command ARGV...` in tmp_path, its output in a log file there; not yet healthy."""
+    log_path = tmp_path / f"proxy-{port}.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=clean_environment(**(env or {})),
+            cwd=tmp_path,
+        )
+    return ProxyProcess(process, port, log_path)
+
+
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """A factory: `await start_proxy({"upstream.url": ...})` -> a healthy proxy child process.
 
-    Keywords: `env` (extra environment), `command` (argv before "serve"), `wait` (poll health).
+    Keywords: `env` (extra environment), `command` (argv before "serve"), `wait` (poll health),
+    `extra_args` (after `serve --config FILE`).
     Every process started is killed after the test.
     """
     started: list[ProxyProcess] = []
@@ -214,25 +238,14 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         env: Mapping[str, str] | None = None,
         command: Sequence[str] = PROXY_MODULE,
         wait: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> ProxyProcess:
         values = {"cache.volume.path": str(tmp_path / "volume"), **settings}
         port = int(values.setdefault("server.port", free_port()))
         config = tmp_path / f"proxy-{port}.toml"
         config.write_text(toml_for(values))
-        log_path = tmp_path / f"proxy-{port}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                "serve",
-                "--config",
-                str(config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=clean_environment(**(env or {})),
-                cwd=tmp_path,
-            )
-        proxy = ProxyProcess(process, port, log_path)
+        argv = ["serve", "--config", str(config), *extra_args]
+        proxy = await spawn_proxy(tmp_path, argv, port=port, env=env, command=command)
         started.append(proxy)
         if wait:
             await proxy.wait_healthy()

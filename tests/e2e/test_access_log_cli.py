@@ -11,14 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import (
-    PROXY_MODULE,
-    ProxyProcess,
-    StartProxy,
-    clean_environment,
-    free_port,
-    toml_for,
-)
+from tests.conftest import ProxyProcess, StartProxy, free_port, spawn_proxy, toml_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import ALICE, speak_body
 
@@ -50,18 +43,7 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     started: list[ProxyProcess] = []
 
     async def start(*args: str, port: int) -> ProxyProcess:
-        log_path = tmp_path / f"proxy-{port}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                *PROXY_MODULE,
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=clean_environment(),
-                cwd=tmp_path,
-            )
-        proxy = ProxyProcess(process, port, log_path)
+        proxy = await spawn_proxy(tmp_path, args, port=port)
         started.append(proxy)
         await proxy.wait_healthy()
         return proxy

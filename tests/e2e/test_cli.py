@@ -209,7 +209,8 @@ async def _true(value: bool) -> bool:
 async def _refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the connection reached the backlog as the listening socket closed; not served.
         return True
     writer.close()
     await writer.wait_closed()

@@ -14,7 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import PROXY_MODULE, ProxyProcess, clean_environment, free_port, toml_for
+from tests.conftest import (
+    PROXY_MODULE,
+    ProxyProcess,
+    clean_environment,
+    free_port,
+    spawn_proxy,
+    toml_for,
+)
 from tests.fakes import FakeLegacyBackend
 
 pytestmark = pytest.mark.skipif(
@@ -44,22 +51,8 @@ async def start_workers(tmp_path: Path) -> AsyncIterator[StartWorkers]:
         }
         config = tmp_path / f"proxy-{port}.toml"
         config.write_text(toml_for(values))
-        log_path = tmp_path / f"proxy-{port}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                *PROXY_MODULE,
-                "serve",
-                "--config",
-                str(config),
-                "--workers",
-                str(workers),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=clean_environment(),
-                cwd=tmp_path,
-            )
-        proxy = ProxyProcess(process, port, log_path)
+        argv = ["serve", "--config", str(config), "--workers", str(workers)]
+        proxy = await spawn_proxy(tmp_path, argv, port=port)
         started.append(proxy)
         await proxy.wait_healthy()
         return proxy
