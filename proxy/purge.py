@@ -123,7 +123,7 @@ async def _purge_volume(scope: PurgeScope, cache: TieredCache) -> int:
     if scope.voice is not None:
         assert scope.user and scope.thread_id and scope.message_id
         key = CacheKey(scope.user, scope.thread_id, scope.message_id, scope.voice)
-        existed = await volume.get(key) is not None
+        existed = await volume.exists(key)  # not get(): no need to read and hash the body
         await volume.delete(key)
         return int(existed)
     if scope.user is not None:

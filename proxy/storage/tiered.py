@@ -56,26 +56,13 @@ class TieredCache:
 
     async def get(self, key: CacheKey) -> tuple[Entry, str] | None:
         """The entry and the name of the tier that had it, or None on a miss."""
-        memory = self.memory
-        if memory is not None:
-            try:
-                entry = memory.get_nowait(key)
-            except Exception as exc:
-                self._failed(memory.name, "get", key, exc)
-            else:
-                if entry is not None:
-                    self.hits[memory.name] += 1
-                    return entry, memory.name
-        volume = self.volume
-        if volume is not None:
-            entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
-            if entry is not None:
-                self.hits[volume.name] += 1
-                self._logger.debug("cache volume hit %s", key.digest())
-                # A write still pending for this key carries a newer entry than the one read.
-                if key not in self._writers:
-                    self._memory_put(key, entry)
-                return entry, volume.name
+        entry = self.get_memory(key)
+        if entry is not None and self.memory is not None:
+            return entry, self.memory.name
+        entry = await self._read_volume(key)
+        if entry is not None and self.volume is not None:
+            self._logger.debug("cache volume hit %s", key.digest())
+            return entry, self.volume.name
         self.misses += 1
         return None
 
@@ -96,30 +83,32 @@ class TieredCache:
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
         """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
         volume = self.volume
-        if volume is None:
-            return None
-        fast = getattr(volume, "get_nowait", None)
-        if fast is not None:
-            try:
-                quick: Entry | None = fast(key)
-            except Exception as exc:
-                self._failed(volume.name, "get", key, exc)
-                quick = None
-            if quick is not None:
-                self.hits[volume.name] += 1
-                if key not in self._writers:
-                    self._memory_put(key, quick)
-                return quick
         opener = getattr(volume, "open", None)
-        if opener is None:
-            found = await self._call(volume.name, "get", key, lambda: volume.get(key))
-            if found is not None and key not in self._writers:
-                self._memory_put(key, found)
-        else:
-            found = await self._call(volume.name, "open", key, lambda: opener(key))
+        if volume is None or opener is None:
+            return await self._read_volume(key)
+        found: EntryStream | None = await self._call(volume.name, "open", key, lambda: opener(key))
         if found is not None:
             self.hits[volume.name] += 1
         return found
+
+    async def _read_volume(self, key: CacheKey) -> Entry | None:
+        """The Volume's entry read whole (without a thread where the Volume can), promoted."""
+        volume = self.volume
+        if volume is None:
+            return None
+        entry: Entry | None = None
+        fast = getattr(volume, "get_nowait", None)
+        if fast is not None:
+            try:
+                entry = fast(key)
+            except Exception as exc:
+                self._failed(volume.name, "get", key, exc)
+        if entry is None:
+            entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
+        if entry is not None:
+            self.hits[volume.name] += 1
+            self.promote(key, entry)
+        return entry
 
     def promote(self, key: CacheKey, entry: Entry) -> None:
         """Copy an entry read from the Volume into memory, unless a newer write is pending."""

@@ -222,13 +222,10 @@ class LocalVolume:
                 if entry is not None:
                     return entry
                 self._verified.pop(key, None)
-            try:
-                raw = _read_bounded(folder / f"{key.voice}{SIDECAR_SUFFIX}", _MAX_SIDECAR_BYTES)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            parsed = _parse_sidecar(raw, key) if raw is not None else None
+            present, parsed = _load_sidecar(folder, key)
             if parsed is None:
-                _remove_entry(folder, key.voice)
+                if present:
+                    _remove_entry(folder, key.voice)
                 return None
             meta, object_name = parsed
             try:
@@ -337,11 +334,7 @@ class LocalVolume:
     def _exists_sync(self, key: CacheKey) -> bool:
         folder = self._folder(key.user, key.thread_id, key.message_id)
         with self._lock(key):
-            try:
-                raw = _read_bounded(folder / f"{key.voice}{SIDECAR_SUFFIX}", _MAX_SIDECAR_BYTES)
-            except (FileNotFoundError, NotADirectoryError):
-                return False
-            parsed = _parse_sidecar(raw, key) if raw is not None else None
+            _, parsed = _load_sidecar(folder, key)
             if parsed is None:
                 return False
             meta, object_name = parsed
@@ -595,6 +588,15 @@ def _parse_sidecar(raw: bytes, key: CacheKey) -> tuple[EntryMeta, str] | None:
     if data.get("object") != object_name or data.get("key") != _key_json(key):
         return None
     return meta, object_name
+
+
+def _load_sidecar(folder: Path, key: CacheKey) -> tuple[bool, tuple[EntryMeta, str] | None]:
+    """(whether a sidecar file is there, its parsed content when it is valid for `key`)."""
+    try:
+        raw = _read_bounded(folder / f"{key.voice}{SIDECAR_SUFFIX}", _MAX_SIDECAR_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        return False, None
+    return True, _parse_sidecar(raw, key) if raw is not None else None
 
 
 def _read_bounded(path: Path, limit: int) -> bytes | None:
