@@ -131,9 +131,3 @@ class AdminApi:
             "errors": self.janitor.errors,
             "last_run": None if report is None else dataclasses.asdict(report),
         }
-
-
-def add_routes(app: web.Application, api: AdminApi) -> None:
-    """Install the admin API's routes on `app`."""
-    app.router.add_delete(f"{API_PREFIX}/entries", api.purge_entries)
-    app.router.add_get(f"{API_PREFIX}/stats", api.read_stats)

@@ -228,7 +228,7 @@ class TtsCache:
             headers = cached[1]
         response = web.Response(status=entry.meta.status, body=entry.body, headers=headers)
         extra = response.headers
-        extra[hdrs.AGE] = str(max(0, int(time.time() - entry.meta.created_at)))
+        extra[hdrs.AGE] = age_of(entry.meta)
         # Nothing went upstream, so no one else needs this id: set here, not by the signal.
         extra[REQUEST_ID_HEADER] = client_or_new_id(request)
         return response
@@ -273,20 +273,25 @@ def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, s
     }
 
 
-def meta_headers(meta: EntryMeta, tier: str) -> CIMultiDict[str]:
-    """The stored headers of an entry plus its validators and age."""
+def age_of(meta: EntryMeta) -> str:
+    """The Age header value of an entry, in whole seconds."""
+    return str(max(0, int(time.time() - meta.created_at)))
+
+
+def meta_headers(meta: EntryMeta, tier: str, *, age: bool = True) -> CIMultiDict[str]:
+    """The stored headers of an entry plus its validators (and its age, unless told not to)."""
     headers: CIMultiDict[str] = CIMultiDict(meta.headers)
     headers[hdrs.CONTENT_TYPE] = meta.content_type
     headers[hdrs.ETAG] = meta.etag
-    headers[hdrs.AGE] = str(max(0, int(time.time() - meta.created_at)))
+    if age:
+        headers[hdrs.AGE] = age_of(meta)
     headers["X-TTS-Cache-Tier"] = tier
     return headers
 
 
 def hit_headers(key: CacheKey, entry: Entry, tier: str) -> CIMultiDict[str]:
     """The headers of a replayed entry, without Age (which changes every second)."""
-    headers = meta_headers(entry.meta, tier)
-    headers.popall(hdrs.AGE, None)
+    headers = meta_headers(entry.meta, tier, age=False)
     headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail={tier}"))
     return headers
 
