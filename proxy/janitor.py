@@ -191,6 +191,8 @@ class Janitor:
         self._batch = settings.janitor_batch_size
         self._hits: OrderedDict[CacheKey, float] = OrderedDict()
         self._row_cursor: CacheKey | None = None
+        # Decided once: record_hit runs on every memory hit.
+        self._records_hits = index is None and self.enabled
         self._running = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -204,7 +206,7 @@ class Janitor:
 
     def record_hit(self, key: CacheKey) -> None:
         """Note a hit the Volume did not see (a memory hit); no I/O. A no-op with an index."""
-        if self._index is not None or not self.enabled:
+        if not self._records_hits:
             return
         hits = self._hits
         hits[key] = self._clock()

@@ -8,8 +8,10 @@ import re
 from typing import Final
 
 from aiohttp import web
+from multidict import istr
 
-REQUEST_ID_HEADER: Final = "X-Request-Id"
+# An istr: looked up in the request headers and set in the response headers on every hit.
+REQUEST_ID_HEADER: Final = istr("X-Request-Id")
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 UPSTREAM_SECONDS: Final = web.RequestKey("upstream_seconds", float)
 

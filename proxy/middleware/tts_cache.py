@@ -48,6 +48,13 @@ class ParsedSpeak(NamedTuple):
     key: CacheKey | None
     text_sha256: str
 
+    def matches(self, meta: EntryMeta) -> bool:
+        """True when a stored entry was made from this text (and by the provider asked for)."""
+        if meta.text_sha256 != self.text_sha256:
+            return False
+        provider = self.speak.provider if self.speak is not None else None
+        return provider is None or meta.provider == provider
+
 
 class BodyTooLarge(Exception):
     """The request body is over tts.max_body_bytes."""
@@ -84,11 +91,19 @@ class TtsCache:
             headers = self.identity.forwardable_headers(request, trusted=trusted)
             return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
         # 1. the body, bounded
-        try:
-            body = await read_bounded(request, self.settings.tts.max_body_bytes)
-        except BodyTooLarge:
-            limit = self.settings.tts.max_body_bytes
-            return json_error(413, f"request body is larger than {limit} bytes")
+        limit = self.settings.tts.max_body_bytes
+        content = request.content
+        if content.is_eof():
+            # The whole body came with the headers, as a speak call's small JSON does: take it
+            # without the two awaits and the copy of request.read().
+            body = content.read_nowait()
+            if len(body) > limit:
+                return json_error(413, f"request body is larger than {limit} bytes")
+        else:
+            try:
+                body = await read_bounded(request, limit)
+            except BodyTooLarge:
+                return json_error(413, f"request body is larger than {limit} bytes")
         # 2-4. what is asked, by whom, and whether it may be cached
         identity = self.identity.resolve(request, trusted=trusted)
         parsed = self._parse(body, identity.user if identity else None)
@@ -100,34 +115,29 @@ class TtsCache:
             self.stats.disabled += 1
             headers = self.identity.forwardable_headers(request, trusted=trusted)
             return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
-        CURRENT_TOKEN.set(identity.token if identity else None)
 
-        # 5-6. the tiers
-        def matches(meta: EntryMeta) -> bool:
-            return meta.text_sha256 == text_sha and (
-                speak.provider is None or meta.provider == speak.provider
-            )
-
+        # 5. memory: the hot path, with no await unless an index records the hit
         entry = self.cache.get_memory(key)
-        tier = "memory"
-        if entry is None:
-            tier = "volume"
-            found = await self.cache.open_volume(key)
-            if isinstance(found, Entry):
-                entry = found
-            elif found is not None:
-                if matches(found.meta):
-                    return await self._stream_hit(request, key, found)
-                await found.aclose()
-        if entry is not None and matches(entry.meta):
-            self.stats.hits[tier] += 1
-            if self.index is not None:
-                await self.index.touch(key)
-            elif self.janitor is not None:
-                self.janitor.record_hit(key)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("hit %s in %s", key.digest(), tier)
-            return self._replay(request, key, entry, tier)
+        if entry is not None and parsed.matches(entry.meta):
+            if self.index is None:
+                self.stats.hits["memory"] += 1
+                if self.janitor is not None:
+                    self.janitor.record_hit(key)
+            else:
+                await self._note_hit(key, "memory")
+            return self._replay(request, key, entry, "memory")
+        # 6. the Volume, as this user where the Volume acts as the user
+        CURRENT_TOKEN.set(identity.token if identity else None)
+        found = await self.cache.open_volume(key)
+        if isinstance(found, Entry):
+            if parsed.matches(found.meta):
+                await self._note_hit(key, "volume")
+                log.debug("hit %s in the volume", key.digest())
+                return self._replay(request, key, found, "volume")
+        elif found is not None:
+            if parsed.matches(found.meta):
+                return await self._stream_hit(request, key, found)
+            await found.aclose()
         # 7. one fill per key
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
@@ -166,9 +176,7 @@ class TtsCache:
         self, request: web.Request, key: CacheKey, stream: EntryStream
     ) -> web.StreamResponse:
         """A Volume hit sent as it is read; copied into memory once it ended intact."""
-        self.stats.hits["volume"] += 1
-        if self.index is not None:
-            await self.index.touch(key)
+        await self._note_hit(key, "volume")
         meta = stream.meta
         response = web.StreamResponse(status=meta.status, headers=meta_headers(meta, "volume"))
         response.headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail=volume"))
@@ -191,6 +199,14 @@ class TtsCache:
         self.cache.promote(key, Entry(meta, b"".join(parts)))
         log.debug("hit %s streamed from the volume", key.digest())
         return response
+
+    async def _note_hit(self, key: CacheKey, tier: str) -> None:
+        """Count a hit, and tell the index (or the janitor) that the entry was used."""
+        self.stats.hits[tier] += 1
+        if self.index is not None:
+            await self.index.touch(key)
+        elif self.janitor is not None:
+            self.janitor.record_hit(key)
 
     def _parse(self, body: bytes, user: str | None) -> ParsedSpeak:
         """What a body asks for, from whom; remembered, since replays send the same bytes."""

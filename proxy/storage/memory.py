@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
-
-from cachetools import LRUCache
 
 from proxy.speak import CacheKey
 from proxy.storage.base import Entry
@@ -15,10 +14,6 @@ from proxy.storage.base import Entry
 class _Stored(NamedTuple):
     entry: Entry
     expires_at: float  # 0: never
-
-
-def _stored_size(stored: _Stored) -> int:
-    return stored.entry.size
 
 
 class MemoryTier:
@@ -39,11 +34,13 @@ class MemoryTier:
         self.ttl_seconds = ttl_seconds
         self.max_entry_bytes = max_entry_bytes
         self._timer = timer
-        # A plain LRU with the deadline beside each entry: cachetools' TTLCache does its timer
-        # bookkeeping on every lookup, and lookups are the hot path.
-        self._cache: LRUCache[CacheKey, _Stored] | None = (
-            None if max_bytes == 0 else LRUCache(maxsize=max_bytes, getsizeof=_stored_size)
+        # An LRU in one OrderedDict (least recently used first) with the deadline beside each
+        # entry: a hit is one lookup and one move_to_end, both in C. Library caches (cachetools)
+        # spend several Python calls per lookup, and lookups are the hot path.
+        self._cache: OrderedDict[CacheKey, _Stored] | None = (
+            None if max_bytes == 0 else OrderedDict()
         )
+        self._bytes = 0  # the sum of entry.size over self._cache
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +53,7 @@ class MemoryTier:
         if self._cache is None:
             return 0
         self._expire()
-        return int(self._cache.currsize)
+        return self._bytes
 
     @property
     def entry_count(self) -> int:
@@ -83,41 +80,56 @@ class MemoryTier:
         if stored is None:
             return None
         if stored.expires_at and self._timer() >= stored.expires_at:
-            cache.pop(key, None)
+            self._remove(key)
             return None
+        cache.move_to_end(key)
         return stored.entry
 
     def put_nowait(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry`, evicting least recently used entries to stay within max_bytes."""
         if self._cache is None:
             return
+        # The older entry is for other text or an older recording: keeping it would serve stale
+        # audio for a key the caller has just replaced, whether or not the new one fits.
+        self._remove(key)
         if not self.admits(entry):
-            # The older entry is for other text or an older recording: keeping it would serve stale
-            # audio for a key the caller has just replaced.
-            self._cache.pop(key, None)
             return
+        cache = self._cache
+        excess = self._bytes + entry.size - self.max_bytes
+        while excess > 0 and cache:
+            _, evicted = cache.popitem(last=False)
+            self._bytes -= evicted.entry.size
+            excess -= evicted.entry.size
         expires_at = self._timer() + self.ttl_seconds if self.ttl_seconds else 0.0
-        self._cache[key] = _Stored(entry, expires_at)
+        cache[key] = _Stored(entry, expires_at)
+        self._bytes += entry.size
 
     def delete_nowait(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
-        if self._cache is not None:
-            self._cache.pop(key, None)
+        self._remove(key)
+
+    def _remove(self, key: CacheKey) -> None:
+        if self._cache is None:
+            return
+        stored = self._cache.pop(key, None)
+        if stored is not None:
+            self._bytes -= stored.entry.size
 
     def delete_where(self, predicate: Callable[[CacheKey], bool]) -> int:
         """Remove every live entry whose key satisfies `predicate`; return how many."""
         if self._cache is None:
             return 0
         self._expire()
-        doomed = [key for key in list(self._cache.keys()) if predicate(key)]
+        doomed = [key for key in self._cache if predicate(key)]
         for key in doomed:
-            self._cache.pop(key, None)
+            self._remove(key)
         return len(doomed)
 
     def clear(self) -> None:
         """Drop every entry."""
         if self._cache is not None:
             self._cache.clear()
+            self._bytes = 0
 
     async def get(self, key: CacheKey) -> Entry | None:
         """The live entry under `key`, or None."""
@@ -136,10 +148,10 @@ class MemoryTier:
         self.clear()
 
     def _expire(self) -> None:
-        # Expired entries still count towards currsize and len() until they are swept.
+        # Expired entries still count towards the bytes and len() until they are swept.
         cache = self._cache
         if cache is None or not self.ttl_seconds:
             return
         now = self._timer()
         for key in [k for k, stored in cache.items() if stored.expires_at <= now]:
-            cache.pop(key, None)
+            self._remove(key)
