@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from typing import Final, NamedTuple
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.config import IdentitySettings
 
@@ -36,8 +36,9 @@ class IdentityResolver:
 
     def __init__(self, settings: IdentitySettings) -> None:
         self.mode: Final = settings.mode
-        self.user_header: Final = settings.user_header
-        self.token_header: Final = settings.token_header
+        # istr: looked up on every speak call, and multidict matches these without lowering them.
+        self.user_header: Final = istr(settings.user_header)
+        self.token_header: Final = istr(settings.token_header) if settings.token_header else None
         self._networks: tuple[Network, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
         )
@@ -52,6 +53,8 @@ class IdentityResolver:
         # Peers are few (the proxies in front); parsing an address per request is not free.
         self._verdicts: dict[str, bool] = {}
         self._by_connection: dict[int, tuple[weakref.ref[asyncio.BaseTransport], bool]] = {}
+        # Identities without a token are the same few users over and over: made once each.
+        self._tokenless: dict[str, Identity] = {}
 
     def trusted_peer(self, request: web.BaseRequest) -> bool:
         """True when the TCP peer is inside `identity.trusted_proxies`."""
@@ -97,11 +100,19 @@ class IdentityResolver:
             return None
         if not (self.trusted_peer(request) if trusted is None else trusted):
             return None
-        user = request.headers.get(self.user_header, "").strip()
+        headers = request.headers
+        user = headers.get(self.user_header, "").strip()
         if not user:
             return None
-        token = request.headers.get(self.token_header) if self.token_header else None
-        return Identity(user=user, token=token or None)
+        token = headers.get(self.token_header) if self.token_header else None
+        if token:
+            return Identity(user=user, token=token)
+        known = self._tokenless.get(user)
+        if known is None:
+            if len(self._tokenless) >= 4096:
+                self._tokenless.clear()
+            known = self._tokenless[user] = Identity(user=user)
+        return known
 
     def forwardable_headers(
         self, request: web.BaseRequest, *, trusted: bool | None = None

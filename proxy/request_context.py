@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
 from multidict import istr
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # An istr: looked up in the request headers and set in the response headers on every hit.
 REQUEST_ID_HEADER: Final = istr("X-Request-Id")
@@ -54,7 +61,44 @@ def client_or_new_id(request: web.BaseRequest) -> str:
     return given if given and _SANE_ID.fullmatch(given) else new_request_id()
 
 
-async def send_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response names its request id."""
-    if REQUEST_ID_HEADER not in response.headers:  # a hit sets it itself, more cheaply
+def stamp_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Name the request's id on `response`, unless it does already; before it is prepared."""
+    if REQUEST_ID_HEADER not in response.headers:
         response.headers[REQUEST_ID_HEADER] = request_id(request)
+
+
+def with_request_id(handler: Handler) -> Handler:
+    """`handler`, every response of which names the request id (see docs/architecture.md).
+
+    Responses the handler returns, and HTTP errors it raises, are stamped here; a handler that
+    prepares a streamed response itself stamps it before (stamp_request_id). An unexpected error
+    becomes a logged 500 {"detail"} with the id, where nothing was sent yet. This replaces an
+    on_response_prepare signal, which cost every cache hit ~5% of its time.
+    """
+
+    @functools.wraps(handler)
+    async def stamped(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            stamp_request_id(request, exc)
+            raise
+        except Exception:
+            return internal_error(request)
+        if not response.prepared:
+            stamp_request_id(request, response)
+        return response
+
+    return stamped
+
+
+def internal_error(request: web.Request) -> web.Response:
+    """In an `except` block: the error logged with the request id, and a 500 {"detail"} naming
+    it; re-raised when the response has begun (aiohttp then ends the connection)."""
+    if request.writer.output_size > 0:
+        raise  # the exception being handled: this is always called in an except block
+    rid = request_id(request)
+    log.exception("unexpected error serving %s %s [%s]", request.method, request.path, rid)
+    response = web.json_response({"detail": "internal error"}, status=500)
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response

@@ -10,9 +10,9 @@ from aiohttp import web
 from proxy.admin.dashboard import Dashboard
 from proxy.admin.entry_pages import ADMIN_AUDIO_ROUTE, EntryPages
 from proxy.admin.pages import ADMIN
+from proxy.request_context import Handler, with_request_id
 
 T = TypeVar("T")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Method = Callable[[T, web.Request], Awaitable[web.StreamResponse]]
 
 DASHBOARD: Final = web.AppKey("dashboard", Dashboard)
@@ -20,13 +20,16 @@ ENTRY_PAGES: Final = web.AppKey("entry_pages", EntryPages)
 
 
 def _bound(key: web.AppKey[T], method: Method[T]) -> Handler:
-    """A handler that calls `method` on the app's state under `key` (set up at start)."""
+    """A handler that calls `method` on the app's state under `key` (set up at start).
+
+    Its responses name the request id, as every route's do (with_request_id).
+    """
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await method(request.app[key], request)
 
     handler.__doc__ = method.__doc__
-    return handler
+    return with_request_id(handler)
 
 
 def add_dashboard_routes(app: web.Application) -> None:

@@ -17,7 +17,7 @@ from proxy.fill import Fill, FillBroken, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id
+from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id, stamp_request_id
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.base import Entry, EntryMeta, EntryStream
@@ -56,6 +56,21 @@ class ParsedSpeak(NamedTuple):
         return provider is None or meta.provider == provider
 
 
+class PrebuiltHeaders:
+    """A hit's headers, built once per entry and tier; only Age is rewritten, once a second.
+
+    Keyed by the entry's metadata, not the entry: holding bodies here would keep entries the
+    memory tier has evicted alive, past its byte bound.
+    """
+
+    __slots__ = ("age", "headers", "meta")
+
+    def __init__(self, meta: EntryMeta, headers: CIMultiDict[str]) -> None:
+        self.meta = meta
+        self.headers = headers
+        self.age: int | None = None
+
+
 class BodyTooLarge(Exception):
     """The request body is over tts.max_body_bytes."""
 
@@ -76,7 +91,7 @@ class TtsCache:
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
-    _replay_headers: dict[tuple[CacheKey, str], tuple[EntryMeta, CIMultiDict[str]]] = field(
+    _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
     _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
@@ -85,10 +100,9 @@ class TtsCache:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
-        trusted = self.identity.trusted_peer(request)
         if self.identity.mode == "none":
             self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request, trusted=trusted)
+            headers = self.identity.forwardable_headers(request)
             return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
         # 1. the body, bounded
         limit = self.settings.tts.max_body_bytes
@@ -105,7 +119,7 @@ class TtsCache:
             except BodyTooLarge:
                 return json_error(413, f"request body is larger than {limit} bytes")
         # 2-4. what is asked, by whom, and whether it may be cached
-        identity = self.identity.resolve(request, trusted=trusted)
+        identity = self.identity.resolve(request)
         parsed = self._parse(body, identity.user if identity else None)
         key = parsed.key
         if key is not None and self.ownership is not None and not await self.ownership.allows(key):
@@ -113,7 +127,7 @@ class TtsCache:
         document, speak, text_sha = parsed.document, parsed.speak, parsed.text_sha256
         if document is None or speak is None or key is None:
             self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request, trusted=trusted)
+            headers = self.identity.forwardable_headers(request)
             return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
 
         # 5. memory: the hot path, with no await unless an index records the hit
@@ -148,7 +162,7 @@ class TtsCache:
                 body=self._upstream_body(body, document),
                 speak=speak,
                 identity=identity,
-                headers=self.identity.forwardable_headers(request, trusted=trusted),
+                headers=self.identity.forwardable_headers(request),
             )
             fill = Fill(
                 key,
@@ -181,6 +195,7 @@ class TtsCache:
         response = web.StreamResponse(status=meta.status, headers=meta_headers(meta, "volume"))
         response.headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail=volume"))
         response.content_length = meta.length
+        stamp_request_id(request, response)
         parts: list[bytes] = []
         try:
             await response.prepare(request)
@@ -232,21 +247,20 @@ class TtsCache:
 
     def _replay(self, request: web.Request, key: CacheKey, entry: Entry, tier: str) -> web.Response:
         """The stored response; its headers are built once per entry and tier, then reused."""
-        cached = self._replay_headers.get((key, tier))
-        # Keyed by the entry's metadata, not the entry: holding bodies here would keep entries
-        # the memory tier has evicted alive, past its byte bound.
-        if cached is None or cached[0] is not entry.meta:
-            headers = hit_headers(key, entry, tier)
+        meta = entry.meta
+        prebuilt = self._replay_headers.get((key, tier))
+        if prebuilt is None or prebuilt.meta is not meta:
+            prebuilt = PrebuiltHeaders(meta, hit_headers(key, entry, tier))
             if len(self._replay_headers) >= REPLAY_HEADER_CACHE:
                 self._replay_headers.clear()
-            self._replay_headers[(key, tier)] = (entry.meta, headers)
-        else:
-            headers = cached[1]
-        response = web.Response(status=entry.meta.status, body=entry.body, headers=headers)
-        extra = response.headers
-        extra[hdrs.AGE] = age_of(entry.meta)
-        # Nothing went upstream, so no one else needs this id: set here, not by the signal.
-        extra[REQUEST_ID_HEADER] = client_or_new_id(request)
+            self._replay_headers[(key, tier)] = prebuilt
+        age = int(time.time() - meta.created_at)
+        if age != prebuilt.age:  # Age changes once a second: so do the prebuilt headers
+            prebuilt.age = age
+            prebuilt.headers[hdrs.AGE] = str(max(0, age))
+        response = web.Response(status=meta.status, body=entry.body, headers=prebuilt.headers)
+        # Nothing went upstream, so no one else needs this id: a new one, not kept on the request.
+        response.headers.add(REQUEST_ID_HEADER, client_or_new_id(request))
         return response
 
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
@@ -333,6 +347,7 @@ async def stream_fill(
         response.headers.update(ours)
         if hdrs.CONTENT_LENGTH not in fill.headers:
             response.enable_chunked_encoding()
+        stamp_request_id(request, response)
         await response.prepare(request)
         try:
             async for chunk in reader:

@@ -38,7 +38,6 @@ class TieredCache:
         self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
         self.timeout_seconds = timeout_seconds
-        self.hits: Counter[str] = Counter()
         self.misses = 0
         self.errors: Counter[str] = Counter()
         self._logger = logger
@@ -72,13 +71,10 @@ class TieredCache:
         if memory is None:
             return None
         try:
-            entry = memory.get_nowait(key)
+            return memory.get_nowait(key)
         except Exception as exc:
             self._failed(memory.name, "get", key, exc)
             return None
-        if entry is not None:
-            self.hits[memory.name] += 1
-        return entry
 
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
         """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
@@ -87,8 +83,6 @@ class TieredCache:
         if volume is None or opener is None:
             return await self._read_volume(key)
         found: EntryStream | None = await self._call(volume.name, "open", key, lambda: opener(key))
-        if found is not None:
-            self.hits[volume.name] += 1
         return found
 
     async def _read_volume(self, key: CacheKey) -> Entry | None:
@@ -106,7 +100,6 @@ class TieredCache:
         if entry is None:
             entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
         if entry is not None:
-            self.hits[volume.name] += 1
             self.promote(key, entry)
         return entry
 

@@ -14,7 +14,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
-from proxy.request_context import REQUEST_ID_HEADER, UPSTREAM_SECONDS, request_id
+from proxy.request_context import (
+    REQUEST_ID_HEADER,
+    UPSTREAM_SECONDS,
+    request_id,
+    stamp_request_id,
+)
 from proxy.stats import CacheStats
 from proxy.upstreams.base import SpeakCall, UpstreamError
 
@@ -222,6 +227,7 @@ class HttpUpstream:
             autoclose=False,
             max_msg_size=0,
         )
+        stamp_request_id(request, client_ws)
         await client_ws.prepare(request)
         async with upstream_ws:
             await _pump_websockets(client_ws, upstream_ws)
@@ -273,6 +279,7 @@ async def relay(
         response.headers.update(extra_headers)
     if upstream.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked":
         response.enable_chunked_encoding()
+    stamp_request_id(request, response)
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():
