@@ -2,6 +2,11 @@
 
 It reads the JSON body, parses it, and answers prebuilt bytes with the seven headers a cache hit
 carries, on the proxy's event loop (uvloop), without an access log.
+
+The bytes are audio of the kind the fake backend makes, not `bytes(size)`: a large zeroed bytes
+object is calloc'ed from fresh pages that all map the kernel's one zero page, so sending it reads
+the same 4 KiB over and over from the CPU cache. That made a 1 MiB ceiling ~19% faster than any
+server holding real audio (measured with wrk: 315 vs 380 us of CPU per request).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from aiohttp import web
 
 from bench.serving import serve_until_signal
 from bench.workload import SPEAK_PATH
+from tests.fakes import FakeLegacyBackend
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def ceiling_app(size: int) -> web.Application:
     """POST {SPEAK_PATH}: parse the JSON body, answer `size` prebuilt bytes."""
-    audio = bytes(size)
+    audio = FakeLegacyBackend.audio_for("the ceiling's audio", "af_nicole", size)
     headers = {
         "Content-Type": "audio/mpeg",
         "ETag": f'"{hashlib.sha256(audio).hexdigest()[:32]}"',

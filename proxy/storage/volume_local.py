@@ -40,6 +40,8 @@ T = TypeVar("T")
 _FOLDER_CACHE = 4_096
 _VERIFIED_CACHE = 4_096
 _HIT_PRECISION_SECONDS = 60.0
+# The largest read buffer get_nowait keeps between hits.
+_SCRATCH_LIMIT = 2 * 1024 * 1024
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
@@ -87,6 +89,8 @@ class LocalVolume:
         # Writes replace files by rename, so any rewrite shows up as another inode.
         self._verified: dict[CacheKey, _Verified] = {}
         self._last_hit_recorded: dict[CacheKey, float] = {}
+        # get_nowait's read buffer, as large as the largest entry read on the loop so far.
+        self._scratch = bytearray()
         # Reads get threads of their own: a hit or a miss's lookup must not queue behind writes
         # waiting for fsync, nor behind the janitor's walks.
         self._read_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="volume-read")
@@ -100,12 +104,12 @@ class LocalVolume:
         read fail at once instead of waiting for the disk.
         """
         known = self._verified.get(key)
-        folder = self._folders.get((key.user, key.thread_id, key.message_id))
-        if known is None or folder is None or _NOWAIT is None:
+        if known is None or _NOWAIT is None:
             return None
+        length = known.meta.length
         try:
-            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
-            fd = os.open(folder / known.object_name, os.O_RDONLY)
+            sidecar = os.stat(known.sidecar_path)
+            fd = os.open(known.object_path, os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -113,9 +117,17 @@ class LocalVolume:
                 return None
             if _identity(os.fstat(fd)) != known.object:
                 return None
-            body = bytearray(known.meta.length)
-            if os.preadv(fd, [body], 0, _NOWAIT) != known.meta.length:
-                return None
+            # Into one reused buffer (this runs on the event loop only), then one copy out:
+            # a fresh bytearray per hit would be zeroed first, and at 1 MiB mapped page by page.
+            scratch = self._scratch
+            if len(scratch) < length:
+                scratch = bytearray(length)
+                if length <= _SCRATCH_LIMIT:  # larger entries are rare: no buffer kept for them
+                    self._scratch = scratch
+            with memoryview(scratch)[:length] as window:
+                if os.preadv(fd, [window], 0, _NOWAIT) != length:
+                    return None
+                body = window.tobytes()
         except OSError:
             return None  # EAGAIN: not in the page cache; the thread will wait for the disk
         finally:
@@ -124,7 +136,7 @@ class LocalVolume:
             _HIT_PRECISION_SECONDS
         ):
             return None  # time to record a hit: that write belongs in the thread
-        return Entry(known.meta, bytes(body))
+        return Entry(known.meta, body)
 
     def location(self, key: CacheKey, content_type: str) -> str:
         """Where the object for `key` lives (what the index and legacy metadata record)."""
@@ -243,8 +255,8 @@ class LocalVolume:
     def _reread(self, folder: Path, key: CacheKey, known: _Verified) -> Entry | None:
         """The entry again, when its sidecar and object are the very files verified before."""
         try:
-            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
-            with open(folder / known.object_name, "rb") as handle:
+            sidecar = os.stat(known.sidecar_path)
+            with open(known.object_path, "rb") as handle:
                 status = os.fstat(handle.fileno())
                 if (sidecar.st_ino, sidecar.st_size) != known.sidecar or _identity(
                     status
@@ -259,15 +271,21 @@ class LocalVolume:
         return Entry(known.meta, body)
 
     def _remember(self, folder: Path, key: CacheKey, meta: EntryMeta, object_name: str) -> None:
+        sidecar_path = str(folder / f"{key.voice}{SIDECAR_SUFFIX}")
+        object_path = str(folder / object_name)
         try:
-            sidecar = os.stat(folder / f"{key.voice}{SIDECAR_SUFFIX}")
-            status = os.stat(folder / object_name)
+            sidecar = os.stat(sidecar_path)
+            status = os.stat(object_path)
         except OSError:
             return
         if len(self._verified) >= _VERIFIED_CACHE:
             self._verified.clear()
         self._verified[key] = _Verified(
-            meta, object_name, (sidecar.st_ino, sidecar.st_size), _identity(status)
+            meta,
+            object_path,
+            sidecar_path,
+            (sidecar.st_ino, sidecar.st_size),
+            _identity(status),
         )
 
     def _note_hit(self, folder: Path, key: CacheKey) -> None:
@@ -542,7 +560,8 @@ def _prune_empty_folders(base: Path, older_than: float) -> None:
 
 class _Verified(NamedTuple):
     meta: EntryMeta
-    object_name: str
+    object_path: str  # strings, not Paths: joined once, not on every hit
+    sidecar_path: str
     sidecar: tuple[int, int]  # inode, size: its mtime moves with every recorded hit
     object: tuple[int, int, int]  # inode, size, mtime in ns
 
