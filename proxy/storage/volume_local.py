@@ -226,6 +226,13 @@ class LocalVolume:
         return folder
 
     def _get_sync(self, key: CacheKey) -> Entry | None:
+        parts = (key.user, key.thread_id, key.message_id)
+        if parts not in self._folders and not os.path.lexists(
+            os.path.join(self.base, *parts, f"{key.voice}{SIDECAR_SUFFIX}")
+        ):
+            # A miss, told by one stat: resolving (and checking) the folder, a syscall per
+            # path component, is for entries that are there.
+            return None
         folder = self._entry_folder(key)
         with self._lock(key):
             known = self._verified.get(key)
