@@ -197,9 +197,15 @@ async def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError):
         await volume.put(KEY, entry())
+    assert anything_under(outside) == []
+    # Nothing there: a miss, told without following the link anywhere.
+    assert await volume.get(KEY) is None
+    # Something there, outside the root: refused, not read.
+    planted = outside / KEY.thread_id / KEY.message_id
+    planted.mkdir(parents=True)
+    (planted / f"{KEY.voice}.json").write_text("{}")
     with pytest.raises(ValueError):
         await volume.get(KEY)
-    assert anything_under(outside) == []
 
 
 async def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
