@@ -203,7 +203,7 @@ async def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
     # Something there, outside the root: refused, not read.
     planted = outside / KEY.thread_id / KEY.message_id
     planted.mkdir(parents=True)
-    (planted / f"{KEY.voice}.json").write_text("{}")
+    (planted / f"{KEY.voice}.meta.json").write_text("{}")
     with pytest.raises(ValueError):
         await volume.get(KEY)
 
