@@ -86,7 +86,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_housekeeping)
     app.cleanup_ctx.append(_plugins)
     app.cleanup_ctx.append(_operator_view)
-    setup_templates(app)
+    if settings.admin.token:  # no token, no pages (every one is a 404)
+        setup_templates(app)
 
     # Every handler names the request id on its responses (with_request_id): no middleware or
     # on_response_prepare signal on the hot path.

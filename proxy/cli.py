@@ -140,7 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_workers(settings, workers)
     from proxy.access_log import access_log_options
     from proxy.app import create_app
+    from proxy.heap import single_arena
 
+    single_arena()
     app = create_app(settings)
     web.run_app(
         app,
@@ -159,7 +161,9 @@ def _serve_workers(settings: Settings, count: int) -> int:
     if settings.server.port == 0:
         raise ConfigError("server.port", "--workers needs a fixed port, not 0")
     from proxy.app import create_app
+    from proxy.heap import single_arena
 
+    single_arena()  # before the fork: every worker inherits it
     create_app(settings)  # a configuration the app refuses stops here, with exit code 2
     context = multiprocessing.get_context("fork")
     parent = os.getpid()

@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp_jinja2
 from aiohttp import web
 
 from proxy import __version__
@@ -78,6 +77,8 @@ class Dashboard:
         """GET /_proxy/admin/style.css."""
         self.pages.require_on()
         if self._style is None:
+            import aiohttp_jinja2
+
             env = aiohttp_jinja2.get_env(request.app)
             body = env.get_template("_style.html").render().encode()
             self._style = (body, f'"{hashlib.sha256(body).hexdigest()[:16]}"')

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import hdrs, web
 
 from proxy.admin.format import FILTERS
@@ -37,7 +35,13 @@ def see_other(location: str) -> web.Response:
 
 
 def setup_templates(app: web.Application) -> None:
-    """aiohttp-jinja2 on the admin templates, autoescaped, with the dashboard's filters."""
+    """aiohttp-jinja2 on the admin templates, autoescaped, with the dashboard's filters.
+
+    Imported here: a proxy without admin.token serves no page, and need not hold jinja2 (~2 MiB).
+    """
+    import aiohttp_jinja2
+    import jinja2
+
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -112,6 +116,8 @@ class AdminPages:
     ) -> web.Response:
         """A page, with the CSRF token for its forms and the security headers."""
         context = {"admin": ADMIN, "csrf": session.csrf if session else "", **context}
+        import aiohttp_jinja2
+
         response = aiohttp_jinja2.render_template(template, request, context, status=status)
         response.headers.update(SECURITY_HEADERS)
         return response

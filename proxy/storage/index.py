@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
-import asyncpg
-
 from proxy.config import ConfigError, IndexSettings
 from proxy.speak import CacheKey
 from proxy.storage.base import EntryMeta
@@ -225,6 +223,8 @@ class PostgresIndex:
         """Create the pool and migrate; when PostgreSQL is unreachable, retry in the background."""
         if self._pool is not None or self._closed:
             return
+        import asyncpg  # here, not at the top: ~3 MiB a proxy without an index need not hold
+
         # min_size=0: creating the pool opens no connection, so it cannot fail on an outage;
         # connections are opened on demand and replaced by the pool when the server drops them.
         self._pool = await asyncpg.create_pool(
@@ -252,6 +252,8 @@ class PostgresIndex:
         """Stop the background tasks, write the buffered hits if possible, close the pool."""
         if self._closed:
             return
+        import asyncpg
+
         for task in (self._recovery, self._flusher):
             if task is not None:
                 task.cancel()
@@ -466,6 +468,8 @@ class PostgresIndex:
         from the request path nor goes back to the pool still held. Closed on exit, which also
         releases whatever it still holds; IndexUnavailable when it cannot be opened.
         """
+        import asyncpg
+
         if self._closed or not self.available:
             self.errors["lock"] += 1
             raise IndexUnavailable("index lock: unavailable")
@@ -675,6 +679,8 @@ def _row_count(status: str) -> int:
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError):
         return True
+    import asyncpg
+
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _OUTAGE_CLASSES and state != _QUERY_CANCELED

@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import asyncpg
-
 from proxy.speak import CacheKey
 from proxy.storage.index import PostgresIndex, quote_schema
 from proxy.storage.volume_local import StoredEntryInfo
@@ -54,6 +52,8 @@ class IndexLedger:
         A session-level `pg_try_advisory_lock` on a connection of its own: it never waits, and a
         replica that dies mid-run releases it with its connection.
         """
+        import asyncpg  # loaded with the index (proxy.storage.index), not before
+
         async with self.index.acquire_lock_connection() as connection:
             won = await connection.fetchval(
                 "SELECT pg_try_advisory_lock($1)", self.lock_id, timeout=self.lock_timeout_seconds
