@@ -28,6 +28,8 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 
+from tests.fakes.local_server import Fault, LocalServer
+
 CHUNK: Final = 4 * 1024
 AUDIO_BYTES: Final = 24 * 1024
 CONTAINERS: Final = {
@@ -60,25 +62,6 @@ FaultKind = Literal[
 
 
 @dataclass
-class Fault:
-    """An injected failure for the next `remaining` speak calls (None: every one)."""
-
-    kind: FaultKind
-    remaining: int | None = 1
-    delay: float = 5.0
-    retry_after: int = 1
-
-    def take(self) -> bool:
-        """True when the fault applies to this call; counts it down."""
-        if self.remaining is None:
-            return True
-        if self.remaining <= 0:
-            return False
-        self.remaining -= 1
-        return True
-
-
-@dataclass
 class RecordedSpeak:
     """One speak call the emulator received."""
 
@@ -91,7 +74,7 @@ class RecordedSpeak:
     accept_encoding: str | None
 
 
-class FakeDeepgramApi:
+class FakeDeepgramApi(LocalServer):
     """Deepgram's `POST /v1/speak` on 127.0.0.1, with call records and fault injection."""
 
     def __init__(
@@ -103,6 +86,7 @@ class FakeDeepgramApi:
         content_length: bool = False,
         echo_auth_in_errors: bool = False,
     ) -> None:
+        super().__init__()
         self.keys: set[str] = set(keys)
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay
@@ -112,33 +96,10 @@ class FakeDeepgramApi:
         self.calls: Counter[str] = Counter()
         self.requests: list[RecordedSpeak] = []
         self.fault: Fault | None = None
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self._stopping = asyncio.Event()
 
-    @property
-    def url(self) -> str:
-        """The API base URL, e.g. http://127.0.0.1:PORT."""
-        if self._port is None:
-            raise RuntimeError("FakeDeepgramApi is not started")
-        return f"http://127.0.0.1:{self._port}"
-
-    async def start(self) -> None:
-        """Listen on a free 127.0.0.1 port."""
-        self._stopping = asyncio.Event()
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
+        """The emulated API's routes."""
         app.router.add_post("/v1/speak", self._speak)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Release slow calls and stop listening."""
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def inject(self, kind: FaultKind, *, times: int | None = 1, **options: Any) -> None:
         """Fail the next `times` speak calls (None: all of them) as `kind` says."""

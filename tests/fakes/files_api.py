@@ -39,6 +39,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from tests.fakes.local_server import LocalServer
+
 FILES_PREFIX: Final = "/api/2.0/fs/files"
 DIRECTORIES_PREFIX: Final = "/api/2.0/fs/directories"
 DOWNLOAD_URL_PATH: Final = "/api/2.0/fs/create-download-url"
@@ -141,7 +143,7 @@ def _not_found(path: str, what: str = "file") -> FilesApiError:
     return FilesApiError(404, "NOT_FOUND", f"The {what} being accessed is not found: {path}")
 
 
-class FilesApiEmulator:
+class FilesApiEmulator(LocalServer):
     """The Files API on 127.0.0.1, in memory: token checks, call records, fault injection."""
 
     def __init__(
@@ -156,6 +158,7 @@ class FilesApiEmulator:
         account_id: str = "00000000-0000-0000-0000-000000000000",
         token_lifetime_seconds: int = 3600,
     ) -> None:
+        super().__init__()
         self.volumes: tuple[str, ...] = tuple(v.rstrip("/") for v in volumes)
         self.tokens: set[str] = set(tokens)
         self.clients: dict[str, str] = dict(
@@ -176,35 +179,12 @@ class FilesApiEmulator:
         self.calls: Counter[str] = Counter()
         self.faults: list[Fault] = []
         self._presigned: dict[str, _Presigned] = {}
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self._stopping = asyncio.Event()
 
     # Lifecycle
 
-    @property
-    def url(self) -> str:
-        """The workspace URL, e.g. http://127.0.0.1:PORT."""
-        if self._port is None:
-            raise RuntimeError("FilesApiEmulator is not started")
-        return f"http://127.0.0.1:{self._port}"
-
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 on a free port."""
-        self._stopping = asyncio.Event()
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
+        """The emulated API's routes."""
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Release hung calls, stop listening and close open connections."""
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # Test helpers
 

@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 
 from proxy.demo import synthesize
+from tests.fakes.local_server import Fault, LocalServer
 
 CHUNK: Final = 8 * 1024
 FaultKind = Literal[
@@ -48,25 +49,6 @@ FaultKind = Literal[
     "cut",  # the output file advertises its length, sends half, and the connection closes
     "cut_before",  # the same, with no byte sent at all
 ]
-
-
-@dataclass
-class Fault:
-    """An injected failure for the next `remaining` predictions (None: every one)."""
-
-    kind: FaultKind
-    remaining: int | None = 1
-    delay: float = 5.0
-    retry_after: int = 1
-
-    def take(self) -> bool:
-        """True when the fault applies to this call; counts it down."""
-        if self.remaining is None:
-            return True
-        if self.remaining <= 0:
-            return False
-        self.remaining -= 1
-        return True
 
 
 @dataclass
@@ -104,7 +86,7 @@ class _Prediction:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-class FakeReplicateApi:
+class FakeReplicateApi(LocalServer):
     """Replicate's predictions API on 127.0.0.1, with call records and fault injection."""
 
     def __init__(
@@ -116,6 +98,7 @@ class FakeReplicateApi:
         chunk_delay: float = 0.0,
         echo_auth_in_errors: bool = False,
     ) -> None:
+        super().__init__()
         self.tokens: set[str] = set(tokens)
         # Known versions; empty means any version id is accepted.
         self.versions: set[str] = set(versions)
@@ -133,38 +116,15 @@ class FakeReplicateApi:
         self.fault: Fault | None = None
         self._store: dict[str, _Prediction] = {}
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self._stopping = asyncio.Event()
 
-    @property
-    def url(self) -> str:
-        """The API base URL, e.g. http://127.0.0.1:PORT."""
-        if self._port is None:
-            raise RuntimeError("FakeReplicateApi is not started")
-        return f"http://127.0.0.1:{self._port}"
-
-    async def start(self) -> None:
-        """Listen on a free 127.0.0.1 port."""
-        self._stopping = asyncio.Event()
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
+        """The emulated API's routes."""
         app.router.add_post("/v1/predictions", self._create)
         app.router.add_post("/v1/models/{owner}/{name}/predictions", self._create)
         app.router.add_get("/v1/predictions/{id}", self._get)
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
         app.router.add_get("/v1/models/{owner}/{name}/versions/{version}", self._version)
         app.router.add_get("/files/{id}/output.wav", self._file)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Release slow calls and stop listening."""
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def inject(self, kind: FaultKind, *, times: int | None = 1, **options: Any) -> None:
         """Fail the next `times` predictions (None: all of them) as `kind` says."""
