@@ -24,11 +24,11 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from aiohttp import web
 
-from tests.fakes.local_server import Fault, LocalServer
+from tests.fakes.local_server import Fault, FaultyServer
 
 CHUNK: Final = 4 * 1024
 AUDIO_BYTES: Final = 24 * 1024
@@ -50,6 +50,7 @@ CONTENT_TYPES: Final = {
     "flac": "audio/flac",
     "aac": "audio/aac",
 }
+# The kinds `inject` takes.
 FaultKind = Literal[
     "unauthorized",  # 401
     "throttled",  # 429 with Retry-After
@@ -74,7 +75,7 @@ class RecordedSpeak:
     accept_encoding: str | None
 
 
-class FakeDeepgramApi(LocalServer):
+class FakeDeepgramApi(FaultyServer):
     """Deepgram's `POST /v1/speak` on 127.0.0.1, with call records and fault injection."""
 
     def __init__(
@@ -95,19 +96,10 @@ class FakeDeepgramApi(LocalServer):
         self.echo_auth_in_errors = echo_auth_in_errors
         self.calls: Counter[str] = Counter()
         self.requests: list[RecordedSpeak] = []
-        self.fault: Fault | None = None
 
     def add_routes(self, app: web.Application) -> None:
         """The emulated API's routes."""
         app.router.add_post("/v1/speak", self._speak)
-
-    def inject(self, kind: FaultKind, *, times: int | None = 1, **options: Any) -> None:
-        """Fail the next `times` speak calls (None: all of them) as `kind` says."""
-        self.fault = Fault(kind, times, **options)
-
-    def clear_faults(self) -> None:
-        """Answer normally again."""
-        self.fault = None
 
     @staticmethod
     def audio_for(text: str, model: str, encoding: str = "mp3") -> bytes:

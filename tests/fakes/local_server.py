@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -67,3 +68,19 @@ class Fault:
             return False
         self.remaining -= 1
         return True
+
+
+class FaultyServer(LocalServer):
+    """A LocalServer whose next calls can be made to fail (`inject`), one kind at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fault: Fault | None = None
+
+    def inject(self, kind: str, *, times: int | None = 1, **options: Any) -> None:
+        """Fail the next `times` calls (None: all of them) as `kind` says."""
+        self.fault = Fault(kind, times, **options)
+
+    def clear_faults(self) -> None:
+        """Answer normally again."""
+        self.fault = None

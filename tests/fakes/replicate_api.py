@@ -35,7 +35,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 
 from proxy.demo import synthesize
-from tests.fakes.local_server import Fault, LocalServer
+from tests.fakes.local_server import Fault, FaultyServer
 
 CHUNK: Final = 8 * 1024
 FaultKind = Literal[
@@ -86,7 +86,7 @@ class _Prediction:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-class FakeReplicateApi(LocalServer):
+class FakeReplicateApi(FaultyServer):
     """Replicate's predictions API on 127.0.0.1, with call records and fault injection."""
 
     def __init__(
@@ -113,7 +113,6 @@ class FakeReplicateApi(LocalServer):
         self.predictions: list[RecordedPrediction] = []
         self.file_authorizations: list[str | None] = []
         self.canceled: list[str] = []
-        self.fault: Fault | None = None
         self._store: dict[str, _Prediction] = {}
         self._ids = itertools.count(1)
 
@@ -125,14 +124,6 @@ class FakeReplicateApi(LocalServer):
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
         app.router.add_get("/v1/models/{owner}/{name}/versions/{version}", self._version)
         app.router.add_get("/files/{id}/output.wav", self._file)
-
-    def inject(self, kind: FaultKind, *, times: int | None = 1, **options: Any) -> None:
-        """Fail the next `times` predictions (None: all of them) as `kind` says."""
-        self.fault = Fault(kind, times, **options)
-
-    def clear_faults(self) -> None:
-        """Answer normally again."""
-        self.fault = None
 
     @staticmethod
     def audio_for(text: str, voice: str) -> bytes:

@@ -13,25 +13,10 @@ import pytest
 from proxy.app import CACHE, JANITOR, create_app
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
+from tests.support import ALICE, BOB, SPEAK, TOKEN
+from tests.support import speak_body as body
 
-SPEAK = "/api/tts/speak"
-TOKEN = "s3cret-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-ALICE = {"X-Forwarded-Email": "alice@example.com"}
-BOB = {"X-Forwarded-Email": "bob@example.com"}
-
-
-def body(**change: Any) -> dict[str, Any]:
-    """A cacheable speak body."""
-    base = {
-        "text": "Hello there",
-        "voice": "af_nicole",
-        "message_id": "m-1",
-        "thread_id": "t-1",
-        "save_to_volume": True,
-    }
-    base.update(change)
-    return base
 
 
 async def outcome(client: Any, payload: dict[str, Any], headers: dict[str, str] = ALICE) -> str:

@@ -16,25 +16,12 @@ from proxy.config import Settings
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import FilesApiEmulator
+from tests.support import ALICE, SPEAK
+from tests.support import speak_body as body
 
-SPEAK = "/api/tts/speak"
 VOLUME_PATH = "/Volumes/main/default/tts"
 APP_TOKEN = "dapi-app-token"
-ALICE = {"X-Forwarded-Email": "alice@example.com"}
 OBJECT = f"{VOLUME_PATH}/tts_audio/alice@example.com/t-1/m-1/af_nicole.mp3"
-
-
-def body(**change: Any) -> dict[str, Any]:
-    """A cacheable speak body."""
-    base = {
-        "text": "Hello there",
-        "voice": "af_nicole",
-        "message_id": "m-1",
-        "thread_id": "t-1",
-        "save_to_volume": True,
-    }
-    base.update(change)
-    return base
 
 
 @pytest.fixture(autouse=True)

@@ -12,23 +12,8 @@ from proxy.app import CACHE, INDEX, create_app
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.pg import ChatMessage, PostgresServer, create_chat_messages, message_metadata
-
-SPEAK = "/api/tts/speak"
-ALICE = {"X-Forwarded-Email": "alice@example.com"}
-BOB = {"X-Forwarded-Email": "bob@example.com"}
-
-
-def body(**change: Any) -> dict[str, Any]:
-    """A cacheable speak body for Alice's message m-1 in t-1."""
-    base = {
-        "text": "Hello there",
-        "voice": "af_nicole",
-        "message_id": "m-1",
-        "thread_id": "t-1",
-        "save_to_volume": True,
-    }
-    base.update(change)
-    return base
+from tests.support import ALICE, BOB, SPEAK
+from tests.support import speak_body as body
 
 
 async def speak(client: Any, payload: dict[str, Any], headers: dict[str, str]) -> tuple[int, str]:

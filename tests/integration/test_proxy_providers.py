@@ -18,24 +18,15 @@ from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.deepgram_api import FakeDeepgramApi
 from tests.fakes.replicate_api import FakeReplicateApi
+from tests.support import ALICE, SPEAK, speak_body
 
-SPEAK = "/api/tts/speak"
 REPLICATE_TOKEN = "r8_Zq4mProxyToken0123456789abcdefABCDEF0"
 DEEPGRAM_KEY = "4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d"
-ALICE = {"X-Forwarded-Email": "alice@example.com"}
 
 
 def body(**change: Any) -> dict[str, Any]:
     """A cacheable speak body."""
-    base = {
-        "text": "Hello **there**, see https://example.com",
-        "voice": "af_nicole",
-        "message_id": "m-1",
-        "thread_id": "t-1",
-        "save_to_volume": True,
-    }
-    base.update(change)
-    return base
+    return speak_body(**{"text": "Hello **there**, see https://example.com", **change})
 
 
 @pytest.fixture

@@ -18,24 +18,12 @@ from proxy.app import CACHE, create_app
 from proxy.config import Settings
 from tests.conftest import settings_for
 from tests.fakes.legacy_backend import FakeLegacyBackend
-
-SPEAK = "/api/tts/speak"
-ALICE = {"X-Forwarded-Email": "alice@example.com"}
-BOB = {"X-Forwarded-Email": "bob@example.com"}
+from tests.support import ALICE, BOB, SPEAK, speak_body
 
 
 def body(**change: Any) -> dict[str, Any]:
     """A cacheable speak body, as the Flutter client sends it."""
-    base = {
-        "text": "Hello there",
-        "provider": "replicate",
-        "voice": "af_nicole",
-        "message_id": "m-1",
-        "thread_id": "t-1",
-        "save_to_volume": True,
-    }
-    base.update(change)
-    return base
+    return speak_body(**{"provider": "replicate", **change})
 
 
 async def speak(
