@@ -43,23 +43,15 @@ TEXT = "Hello from the chat message"
 @pytest.fixture
 async def replicate_api() -> AsyncIterator[FakeReplicateApi]:
     """A started FakeReplicateApi that echoes Authorization in its errors, stopped after."""
-    api = FakeReplicateApi(tokens=[REPLICATE_TOKEN], echo_auth_in_errors=True)
-    await api.start()
-    try:
+    async with FakeReplicateApi(tokens=[REPLICATE_TOKEN], echo_auth_in_errors=True) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 @pytest.fixture
 async def deepgram_api() -> AsyncIterator[FakeDeepgramApi]:
     """A started FakeDeepgramApi that echoes Authorization in its errors, stopped after."""
-    api = FakeDeepgramApi(keys=[DEEPGRAM_KEY], echo_auth_in_errors=True)
-    await api.start()
-    try:
+    async with FakeDeepgramApi(keys=[DEEPGRAM_KEY], echo_auth_in_errors=True) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 @pytest.fixture

@@ -31,22 +31,14 @@ def body(**change: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def replicate_api() -> AsyncIterator[FakeReplicateApi]:
-    api = FakeReplicateApi(tokens=[REPLICATE_TOKEN], echo_auth_in_errors=True)
-    await api.start()
-    try:
+    async with FakeReplicateApi(tokens=[REPLICATE_TOKEN], echo_auth_in_errors=True) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 @pytest.fixture
 async def deepgram_api() -> AsyncIterator[FakeDeepgramApi]:
-    api = FakeDeepgramApi(keys=[DEEPGRAM_KEY], echo_auth_in_errors=True)
-    await api.start()
-    try:
+    async with FakeDeepgramApi(keys=[DEEPGRAM_KEY], echo_auth_in_errors=True) as api:
         yield api
-    finally:
-        await api.stop()
 
 
 @pytest.fixture
