@@ -11,7 +11,6 @@ allocation, so the arena lock is not contended.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Final
@@ -29,12 +28,10 @@ def single_arena() -> bool:
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process (libc's among them): no library search,
+        # which on Linux would run `ldconfig -p` at every start.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False  # not glibc (musl has no mallopt): its allocator has no per-thread arenas
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
