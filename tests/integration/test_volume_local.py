@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from proxy.speak import CacheKey
 from proxy.storage.base import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_local import LocalVolume, extension_for
+from proxy.storage.volume_local import BACKGROUND_NICE, LocalVolume, extension_for
 
 KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
 
@@ -359,3 +361,35 @@ async def test_a_verified_hit_is_read_without_a_thread_and_checked_again(tmp_pat
     obj.write_bytes(bytes(data))
     assert volume.get_nowait(KEY) is None
     assert await volume.get(KEY) is None
+
+
+def thread_nice_values() -> dict[int, int]:
+    """Every thread of this process and its nice value (/proc/self/task/*/stat, field 19)."""
+    values = {}
+    for task in Path("/proc/self/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+async def test_writes_run_in_threads_of_lower_priority_than_reads_and_the_loop(
+    tmp_path: Path,
+) -> None:
+    before = thread_nice_values()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    volume = LocalVolume(tmp_path)
+    try:
+        await volume.put(KEY, entry())
+        written = thread_nice_values()
+        assert await volume.get(KEY) is not None
+        after = thread_nice_values()
+    finally:
+        await volume.aclose()
+    writers = {tid for tid in written if tid not in before}
+    readers = {tid for tid in after if tid not in written}
+    assert writers and readers
+    assert {written[tid] for tid in writers} == {min(19, ours + BACKGROUND_NICE)}
+    assert {after[tid] for tid in readers} == {ours}
+    assert after[threading.get_native_id()] == ours
