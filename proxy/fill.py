@@ -64,6 +64,19 @@ class Fill:
         """Begin the upstream call in its own task, so no single client can cancel it."""
         self.task = asyncio.create_task(self._run(upstream, on_end))
 
+    async def lead(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
+        """Open the upstream call in the calling task (the first client's), then read the body
+        in a task of its own.
+
+        The first client is spared two turns of the event loop, a task starting and a task
+        reporting back, on its time to first byte; the body is still read by a task, so that no
+        client's pace or departure stops it. aiohttp does not cancel a handler whose client
+        left: only a shutdown interrupts the open, and the clients that joined get a 502.
+        """
+        response = await self._open(upstream, on_end)
+        if response is not None:
+            self.task = asyncio.create_task(self._body(response, on_end))
+
     def reader(self) -> FillReader:
         """A new reader from the first byte; only valid while the fill is joinable."""
         if not self.joinable:
@@ -77,20 +90,45 @@ class Fill:
         await self._ready.wait()
 
     async def _run(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
+        response = await self._open(upstream, on_end)
+        if response is not None:
+            await self._body(response, on_end)
+
+    async def _open(
+        self, upstream: Upstream, on_end: Callable[[Fill], None]
+    ) -> UpstreamResponse | None:
+        """The upstream's response with its head taken in, or None once the fill has ended."""
         response: UpstreamResponse | None = None
         try:
-            try:
-                response = await upstream.open(self.call)
-            except UpstreamError as exc:
-                self.error = exc
-                return
+            response = await upstream.open(self.call)
             self.status, self.reason, self.headers = (
                 response.status,
                 response.reason,
                 response.headers,
             )
             self.storable = self._storable_head()
+            take_buffered = getattr(response, "read_buffered", None)
+            if take_buffered is not None:
+                # What came with the head is the first chunk: readers get it without waiting
+                # for the body task to start.
+                self._accept(take_buffered())
+        except UpstreamError as exc:
+            self.error = exc
+        except asyncio.CancelledError:
+            self.error = UpstreamError(502, "upstream call cancelled")
+            self._end(response, on_end)
+            raise
+        except Exception:
+            log.exception("fill for key %s failed", self.key.digest())
+            self.error = UpstreamError(502, "upstream failed")
+        if self.error is None and response is not None:
             self._ready.set()
+            return response
+        self._end(response, on_end)
+        return None
+
+    async def _body(self, response: UpstreamResponse, on_end: Callable[[Fill], None]) -> None:
+        try:
             await self._read_body(response)
             if self.storable and not self.broken:
                 self._commit()
@@ -100,27 +138,33 @@ class Fill:
         except Exception:
             log.exception("fill for key %s failed", self.key.digest())
             self.broken = True
-            if not self._ready.is_set():
-                self.error = UpstreamError(502, "upstream failed")
         finally:
-            if response is not None:
-                response.close()
-            self.done = True
-            self._ready.set()
-            self._notify()
-            on_end(self)
+            self._end(response, on_end)
+
+    def _end(self, response: UpstreamResponse | None, on_end: Callable[[Fill], None]) -> None:
+        if response is not None:
+            response.close()
+        self.done = True
+        self._ready.set()
+        self._notify()
+        on_end(self)
+
+    def _accept(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.received += len(chunk)
+        if self.received > self._max_entry_bytes and self.joinable:
+            self.storable = False
+            self.joinable = False
+        self._chunks.append(chunk)
+        self._notify()
 
     async def _read_body(self, response: UpstreamResponse) -> None:
         try:
             async for chunk in response.iter_chunks():
                 if not chunk:
                     continue
-                self.received += len(chunk)
-                if self.received > self._max_entry_bytes and self.joinable:
-                    self.storable = False
-                    self.joinable = False
-                self._chunks.append(chunk)
-                self._notify()
+                self._accept(chunk)
                 if not self.storable and not self._readers:
                     log.debug("fill %s: no client left and nothing to store", self.key.digest())
                     self.broken = True
@@ -240,7 +284,14 @@ class Flights:
         return fill if fill is not None and fill.joinable and not fill.done else None
 
     def start(self, flight: FlightKey, fill: Fill, upstream: Upstream) -> None:
-        """Register `fill` under `flight` and start it."""
+        """Register `fill` under `flight` and start it in a task of its own."""
+        fill.start(upstream, self._register(flight, fill))
+
+    async def lead(self, flight: FlightKey, fill: Fill, upstream: Upstream) -> None:
+        """Register `fill` under `flight` and open it in the calling task (see Fill.lead)."""
+        await fill.lead(upstream, self._register(flight, fill))
+
+    def _register(self, flight: FlightKey, fill: Fill) -> Callable[[Fill], None]:
         self._fills[flight] = fill
         self._all.add(fill)
 
@@ -249,7 +300,7 @@ class Flights:
                 del self._fills[flight]
             self._all.discard(ended)
 
-        fill.start(upstream, on_end)
+        return on_end
 
     def cancel_store(self, predicate: Callable[[CacheKey], bool]) -> int:
         """Forbid storing any in-flight fill whose key matches; returns how many."""

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from proxy.admission import Admission
 from proxy.config import Settings
-from proxy.fill import Fill, FillBroken, FlightKey, Flights
+from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
@@ -176,16 +176,22 @@ class TtsCache:
             elif self.disk_guard is not None and not self.disk_guard.admitting():
                 fill.store_allowed = False  # low disk: serve, do not fill it further
                 self.stats.errors["disk_full"] += 1
-            reader_fill = fill
-            self.flights.start(flight, fill, self.synthesizer)
             self.stats.misses += 1
             self.stats.upstream_calls += 1
             log.debug("miss %s: fill started", key.digest())
+            # The reader first: whatever came with the head is then this client's too, even
+            # when it already makes the fill too large to join.
+            reader = fill.reader()
+            try:
+                await self.flights.lead(flight, fill, self.synthesizer)
+            except BaseException:
+                reader.close()
+                raise
         else:
-            reader_fill = fill
             self.stats.coalesced += 1
             log.debug("miss %s: joined a fill", key.digest())
-        return await stream_fill(request, reader_fill, key, collapsed=collapsed)
+            reader = fill.reader()
+        return await stream_fill(request, fill, reader, key, collapsed=collapsed)
 
     async def _stream_hit(
         self, request: web.Request, key: CacheKey, stream: EntryStream
@@ -328,10 +334,9 @@ def hit_headers(key: CacheKey, entry: Entry, tier: str) -> CIMultiDict[str]:
 
 
 async def stream_fill(
-    request: web.Request, fill: Fill, key: CacheKey, *, collapsed: bool
+    request: web.Request, fill: Fill, reader: FillReader, key: CacheKey, *, collapsed: bool
 ) -> web.StreamResponse:
-    """Send one client the fill's response, chunk by chunk, from its first byte."""
-    reader = fill.reader()
+    """Send one client the fill's response through its reader, chunk by chunk, from the first."""
     try:
         await fill.wait_ready()
         status = f"{CACHE_STATUS}; fwd=uri-miss"

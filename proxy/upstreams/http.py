@@ -243,6 +243,13 @@ class ClientStream:
         self.reason = response.reason
         self.headers = response.headers
 
+    def read_buffered(self) -> bytes:
+        """The body bytes that arrived with the head, without waiting (may be empty)."""
+        try:
+            return self._response.content.read_nowait()
+        except Exception:
+            return b""  # iter_chunks raises whatever this was, where it is handled
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; raises UpstreamError when it is cut short."""
         try:

@@ -88,3 +88,77 @@ async def test_nothing_is_stored_when_the_length_falls_short() -> None:
     else:
         raise AssertionError("a short body must not read as complete")
     assert stored == []
+
+
+class HeadWithBody(SlowAudio):
+    """An upstream whose first chunk came with the head (read_buffered), the rest released."""
+
+    def __init__(self, first: bytes, rest: list[bytes]) -> None:
+        super().__init__(rest)
+        self.first = first
+        self.headers["Content-Length"] = str(len(first) + sum(len(c) for c in rest))
+        self.opened = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def open(self, call: SpeakCall) -> HeadWithBody:
+        self.opened.set()
+        await self.answer.wait()
+        return self
+
+    def read_buffered(self) -> bytes:
+        first, self.first = self.first, b""
+        return first
+
+
+async def test_the_leader_opens_in_its_own_task_and_gets_the_first_chunk_at_once() -> None:
+    upstream = HeadWithBody(b"a" * 10, [b"b" * 10])
+    stored: list[Entry] = []
+    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: stored.append(e))
+    flights = Flights()
+    flight = (KEY, SPEAK.text_sha256(), None)
+    leader = fill.reader()
+    lead = asyncio.create_task(flights.lead(flight, fill, upstream))
+    await upstream.opened.wait()
+    assert flights.joinable(flight) is fill  # joinable while the head is awaited
+    joiner = asyncio.create_task(read_all(fill))
+    upstream.answer.set()
+    await lead
+    # Back from lead(), the head and the chunk that came with it are there: no wait, no task.
+    assert fill.status == 200 and fill.task is not None
+    chunks = aiter(leader)
+    assert await asyncio.wait_for(anext(chunks), 1) == b"a" * 10
+    upstream.release.put_nowait(None)
+    assert await asyncio.wait_for(anext(chunks), 1) == b"b" * 10
+    leader.close()
+    assert await asyncio.wait_for(joiner, 1) == b"a" * 10 + b"b" * 10
+    await flights.aclose()
+    assert [entry.body for entry in stored] == [b"a" * 10 + b"b" * 10]
+    assert flights.joinable(flight) is None and len(flights) == 0
+
+
+async def test_a_first_chunk_over_the_entry_limit_still_reaches_the_leader() -> None:
+    upstream = HeadWithBody(b"a" * 50, [])
+    upstream.answer.set()
+    stored: list[Entry] = []
+    fill = Fill(KEY, call(), max_entry_bytes=20, on_commit=lambda k, e: stored.append(e))
+    leader = fill.reader()
+    await Flights().lead((KEY, "x", None), fill, upstream)
+    assert not fill.joinable  # too large to join from the first byte
+    assert b"".join([chunk async for chunk in leader]) == b"a" * 50
+    assert stored == []
+
+
+async def test_a_lead_cancelled_while_opening_fails_the_joined_readers() -> None:
+    upstream = HeadWithBody(b"a", [])
+    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: None)
+    flights = Flights()
+    flight = (KEY, "x", None)
+    lead = asyncio.create_task(flights.lead(flight, fill, upstream))
+    await upstream.opened.wait()
+    joiner = fill.reader()
+    lead.cancel()
+    await asyncio.gather(lead, return_exceptions=True)
+    await asyncio.wait_for(fill.wait_ready(), 1)
+    assert fill.error is not None and fill.error.status == 502
+    assert [chunk async for chunk in joiner] == []
+    assert flights.joinable(flight) is None and len(flights) == 0
