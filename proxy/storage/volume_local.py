@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -44,6 +45,10 @@ _HIT_PRECISION_SECONDS = 60.0
 # The largest read buffer get_nowait keeps between hits.
 _SCRATCH_LIMIT = 2 * 1024 * 1024
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# How long the event loop waits for a read thread's answer before awaiting it instead, and how
+# long it then awaits at once (see LocalVolume._read).
+READ_WAIT_SECONDS = 0.0005
+READ_WAIT_BACKOFF_SECONDS = 1.0
 # How much lower the write threads' CPU priority is than the event loop's (nice steps).
 BACKGROUND_NICE = 10
 
@@ -97,6 +102,7 @@ class LocalVolume:
         # Reads get threads of their own: a hit or a miss's lookup must not queue behind writes
         # waiting for fsync, nor behind the janitor's walks.
         self._read_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="volume-read")
+        self._wait_again_at = 0.0
         # Writes (and the janitor's walks) are background work: their threads run at a lower CPU
         # priority, so that on a busy CPU the event loop, serving, is not kept waiting by them.
         self._write_pool = ThreadPoolExecutor(
@@ -154,7 +160,7 @@ class LocalVolume:
     async def get(self, key: CacheKey) -> Entry | None:
         """The entry under `key`, or None; a corrupt or malformed entry is removed and missed."""
         _require_valid(key)
-        return await self._in(self._read_pool, self._get_sync, key)
+        return await self._read(self._get_sync, key)
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
@@ -210,6 +216,24 @@ class LocalVolume:
 
     async def _in(self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+
+    async def _read(self, work: Callable[..., T], *args: Any) -> T:
+        """A read in a read thread, its answer waited for on the loop for READ_WAIT_SECONDS.
+
+        A read on a local folder mostly takes tens of microseconds (a miss is one lstat).
+        Awaiting it costs two turns of the event loop, the thread's wake-up and then the
+        loop's, which under load are most of a millisecond on a miss's time to first byte. So
+        the loop waits for the answer, at most READ_WAIT_SECONDS (a bound on how long the loop
+        can be held, like any short computation), then awaits it like any other. After a wait
+        ran out (a cold disk), reads are awaited at once for a second.
+        """
+        future = self._read_pool.submit(work, *args)
+        if time.monotonic() >= self._wait_again_at:
+            try:
+                return future.result(timeout=READ_WAIT_SECONDS)
+            except FutureTimeout:
+                self._wait_again_at = time.monotonic() + READ_WAIT_BACKOFF_SECONDS
+        return await asyncio.wrap_future(future)
 
     # Everything below runs in a worker thread.
 

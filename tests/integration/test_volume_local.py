@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,12 @@ from proxy.speak import CacheKey
 from proxy.storage.base import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_local import BACKGROUND_NICE, LocalVolume, extension_for
+from proxy.storage.volume_local import (
+    BACKGROUND_NICE,
+    READ_WAIT_SECONDS,
+    LocalVolume,
+    extension_for,
+)
 
 KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
 
@@ -393,3 +399,43 @@ async def test_writes_run_in_threads_of_lower_priority_than_reads_and_the_loop(
     assert {written[tid] for tid in writers} == {min(19, ours + BACKGROUND_NICE)}
     assert {after[tid] for tid in readers} == {ours}
     assert after[threading.get_native_id()] == ours
+
+
+async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    read = volume._get_sync
+
+    def slow_read(key: CacheKey) -> Entry | None:
+        time.sleep(0.2)  # a cold disk
+        return read(key)
+
+    monkeypatch.setattr(volume, "_get_sync", slow_read)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        started = time.perf_counter()
+        found = await volume.get(KEY)
+        second = await volume.get(KEY)  # within the back-off: awaited at once
+        took = time.perf_counter() - started
+    finally:
+        ticking.cancel()
+        await volume.aclose()
+    assert found is not None and found.body == entry().body
+    assert second is not None and second.body == entry().body
+    assert took >= 0.4
+    # The loop went on while the reads waited for the disk: it was held once, for the wait.
+    assert max(gaps) < READ_WAIT_SECONDS + 0.05
+    assert len(gaps) > 100
