@@ -22,6 +22,7 @@ from proxy.request_context import (
 )
 from proxy.stats import CacheStats
 from proxy.upstreams.base import SpeakCall, UpstreamError
+from proxy.upstreams.h1 import H1Pool, H1Response
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,13 @@ class HttpUpstream:
         self._base_path = self._base.raw_path.rstrip("/")
         self._session = session
         self._stats = stats
+        # Speak misses go through a lean client (see proxy/upstreams/h1.py); the rest, aiohttp.
+        self._speak_client = H1Pool(
+            self._base.origin(),
+            limit=settings.max_connections,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.timeout_seconds,
+        )
 
     def url_for(self, raw_path: str) -> URL:
         """The upstream URL for a client's raw path and query, unchanged."""
@@ -167,23 +175,23 @@ class HttpUpstream:
         finally:
             upstream.release()
 
-    async def open(self, call: SpeakCall) -> ClientStream:
+    async def open(self, call: SpeakCall) -> H1Response:
         """POST a speak miss to the backend and return its streamed response."""
         outgoing = self.outgoing_headers(call.request, call.headers)
-        outgoing.popall(hdrs.CONTENT_LENGTH, None)
         started = time.monotonic()
         try:
-            response = await self._session.post(
-                self.url_for(call.request.raw_path),
-                headers=outgoing,
-                data=call.body,
-                allow_redirects=False,
+            response = await self._speak_client.request(
+                "POST", self._base_path + call.request.raw_path, outgoing.items(), call.body
             )
         except Exception as exc:
             self._timed(call.request, started, failed=True)
             raise as_upstream_error(exc) from exc
         self._timed(call.request, started, failed=response.status >= 500)
-        return ClientStream(response)
+        return response
+
+    async def aclose(self) -> None:
+        """Close the speak client's connections (the session is its owner's to close)."""
+        await self._speak_client.aclose()
 
     def _timed(self, request: web.BaseRequest, started: float, *, failed: bool) -> None:
         """Time to the upstream's headers: on the request (access log) and in the stats."""
@@ -234,39 +242,12 @@ class HttpUpstream:
         return client_ws
 
 
-class ClientStream:
-    """An aiohttp client response seen as an UpstreamResponse."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason
-        self.headers = response.headers
-
-    def read_buffered(self) -> bytes:
-        """The body bytes that arrived with the head, without waiting (may be empty)."""
-        try:
-            return self._response.content.read_nowait()
-        except Exception:
-            return b""  # iter_chunks raises whatever this was, where it is handled
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises UpstreamError when it is cut short."""
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except Exception as exc:
-            raise as_upstream_error(exc) from exc
-
-    def close(self) -> None:
-        """Release the connection."""
-        self._response.release()
-
-
 def as_upstream_error(exc: BaseException) -> UpstreamError:
     """Map a client-side exception to the answer the client should get."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamError(502, "upstream unavailable (ConnectionTimeoutError)")
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamError(504, "upstream timed out")
     reason = type(exc).__name__
