@@ -49,6 +49,7 @@ _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 # long it then awaits at once (see LocalVolume._read).
 READ_WAIT_SECONDS = 0.0005
 READ_WAIT_BACKOFF_SECONDS = 1.0
+_WRITE_THREADS = 4
 # How much lower the write threads' CPU priority is than the event loop's (nice steps).
 BACKGROUND_NICE = 10
 
@@ -106,8 +107,17 @@ class LocalVolume:
         # Writes (and the janitor's walks) are background work: their threads run at a lower CPU
         # priority, so that on a busy CPU the event loop, serving, is not kept waiting by them.
         self._write_pool = ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="volume-write", initializer=lower_thread_priority
+            max_workers=_WRITE_THREADS,
+            thread_name_prefix="volume-write",
+            initializer=lower_thread_priority,
         )
+        # But on a CPU kept busy, low-priority writes would fall behind for good (and the write
+        # backlog would then skip entries): writes past what those threads have in hand go to
+        # threads of normal priority.
+        self._catch_up_pool = ThreadPoolExecutor(
+            max_workers=_WRITE_THREADS, thread_name_prefix="volume-write-now"
+        )
+        self._writes_in_hand = 0
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """A hit read on the event loop, only when it cannot block; None means "ask get()".
@@ -165,7 +175,14 @@ class LocalVolume:
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
         _require_valid(key)
-        await self._in(self._write_pool, self._put_sync, key, entry)
+        if self._writes_in_hand >= _WRITE_THREADS:
+            await self._in(self._catch_up_pool, self._put_sync, key, entry)
+            return
+        self._writes_in_hand += 1
+        try:
+            await self._in(self._write_pool, self._put_sync, key, entry)
+        finally:
+            self._writes_in_hand -= 1
 
     async def delete(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
@@ -211,7 +228,7 @@ class LocalVolume:
 
     async def aclose(self) -> None:
         """Let queued operations finish, then stop the threads."""
-        for pool in (self._read_pool, self._write_pool):
+        for pool in (self._read_pool, self._write_pool, self._catch_up_pool):
             await asyncio.to_thread(pool.shutdown, wait=True)
 
     async def _in(self, pool: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> T:

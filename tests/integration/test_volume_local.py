@@ -439,3 +439,23 @@ async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
     # The loop went on while the reads waited for the disk: it was held once, for the wait.
     assert max(gaps) < READ_WAIT_SECONDS + 0.05
     assert len(gaps) > 100
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+async def test_writes_queued_past_the_background_threads_run_at_normal_priority(
+    tmp_path: Path,
+) -> None:
+    before = thread_nice_values()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    volume = LocalVolume(tmp_path)
+    keys = [CacheKey("alice@example.com", "t-9", f"m-{n}", "af_nicole") for n in range(12)]
+    try:
+        await asyncio.gather(*(volume.put(key, entry()) for key in keys))
+        during = thread_nice_values()
+        found = [await volume.get(key) for key in keys]
+    finally:
+        await volume.aclose()
+    assert all(item is not None and item.body == entry().body for item in found)
+    writers = {during[tid] for tid in during if tid not in before}
+    # Four low-priority writers had their hands full: the rest went to normal-priority ones.
+    assert writers == {ours, min(19, ours + BACKGROUND_NICE)}
