@@ -141,21 +141,25 @@ class TtsCache:
             else:
                 await self._note_hit(key, "memory")
             return self._replay(request, key, entry, "memory")
-        # 6. the Volume, as this user where the Volume acts as the user
-        CURRENT_TOKEN.set(identity.token if identity else None)
-        found = await self.cache.open_volume(key)
-        if isinstance(found, Entry):
-            if parsed.matches(found.meta):
-                await self._note_hit(key, "volume")
-                log.debug("hit %s in the volume", key.digest())
-                return self._replay(request, key, found, "volume")
-        elif found is not None:
-            if parsed.matches(found.meta):
-                return await self._stream_hit(request, key, found)
-            await found.aclose()
-        # 7. one fill per key
+        # 6. a fill in flight for this very call: joined without asking the Volume (what the
+        # fill brings is as fresh, and a burst of one message waits on no lookup)
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
+        if fill is None:
+            # 7. the Volume, as this user where the Volume acts as the user
+            CURRENT_TOKEN.set(identity.token if identity else None)
+            found = await self.cache.open_volume(key)
+            if isinstance(found, Entry):
+                if parsed.matches(found.meta):
+                    await self._note_hit(key, "volume")
+                    log.debug("hit %s in the volume", key.digest())
+                    return self._replay(request, key, found, "volume")
+            elif found is not None:
+                if parsed.matches(found.meta):
+                    return await self._stream_hit(request, key, found)
+                await found.aclose()
+            fill = self.flights.joinable(flight)  # one may have started during the lookup
+        # 8. one fill per key
         collapsed = fill is not None
         if fill is None:
             call = SpeakCall(

@@ -132,6 +132,33 @@ async def test_fifty_concurrent_misses_make_one_upstream_call(
     assert headers["X-TTS-Cache"] == "hit"
 
 
+async def test_requests_joining_a_fill_in_flight_do_not_read_the_volume(
+    proxy_client: TestClient[Any, Any],
+    legacy_backend: FakeLegacyBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    legacy_backend.speak.headers_delay = 0.3
+    volume = proxy_client.server.app[CACHE].volume
+    assert volume is not None
+    lookups: list[object] = []
+    read = volume.get
+
+    async def counted(key: Any) -> Any:
+        lookups.append(key)
+        return await read(key)
+
+    monkeypatch.setattr(volume, "get", counted)
+    first = asyncio.create_task(speak(proxy_client, body()))
+    await asyncio.sleep(0.1)
+    # The fill is in flight, its head not back yet.
+    assert legacy_backend.calls[SPEAK] == 1 and len(lookups) == 1 and not first.done()
+    joined = await asyncio.gather(*(speak(proxy_client, body()) for _ in range(10)))
+    status, headers, data = await first
+    assert status == 200 and headers["X-TTS-Cache"] == "miss"
+    assert all(s == 200 and d == data and "collapsed" in h["Cache-Status"] for s, h, d in joined)
+    assert len(lookups) == 1 and legacy_backend.calls[SPEAK] == 1
+
+
 async def test_first_client_aborting_does_not_stop_the_others(
     proxy_client: TestClient[Any, Any], legacy_backend: FakeLegacyBackend
 ) -> None:
