@@ -53,7 +53,7 @@ class Options:
     warmup_seconds: float = 2.0
     seconds: float = 8.0
     miss_concurrency: int = 6
-    miss_seconds: float = 6.0
+    miss_seconds: float = 10.0
     burst_size: int = 100
     burst_rounds: int = 3
     replay_requests: int = 20_000
