@@ -53,6 +53,8 @@ class Fill:
         self._max_entry_bytes = max_entry_bytes
         self._on_commit = on_commit
         self._chunks: list[bytes] = []
+        # Bytes that came with the head, held for the body task when clients joined (see _open).
+        self._held = b""
         self._offset = 0
         self._readers: dict[int, int] = {}
         self._reader_ids = count()
@@ -108,10 +110,16 @@ class Fill:
             )
             self.storable = self._storable_head()
             take_buffered = getattr(response, "read_buffered", None)
-            if take_buffered is not None:
-                # What came with the head is the first chunk: readers get it without waiting
-                # for the body task to start.
-                self._accept(take_buffered())
+            first = take_buffered() if take_buffered is not None else b""
+            if len(self._readers) <= 1:
+                # What came with the head is the first chunk: the one client gets it without
+                # waiting for the body task to start.
+                self._accept(first)
+            else:
+                # Clients joined while the head was awaited: each prepares its response when
+                # the head wakes it, then the body task hands the first bytes to all together
+                # (the first client otherwise went a hundred responses ahead of the last).
+                self._held = first
         except UpstreamError as exc:
             self.error = exc
         except asyncio.CancelledError:
@@ -129,6 +137,8 @@ class Fill:
 
     async def _body(self, response: UpstreamResponse, on_end: Callable[[Fill], None]) -> None:
         try:
+            held, self._held = self._held, b""
+            self._accept(held)
             await self._read_body(response)
             if self.storable and not self.broken:
                 self._commit()

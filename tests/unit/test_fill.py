@@ -162,3 +162,19 @@ async def test_a_lead_cancelled_while_opening_fails_the_joined_readers() -> None
     assert fill.error is not None and fill.error.status == 502
     assert [chunk async for chunk in joiner] == []
     assert flights.joinable(flight) is None and len(flights) == 0
+
+
+async def test_with_joined_readers_the_first_bytes_go_to_all_from_the_body_task() -> None:
+    upstream = HeadWithBody(b"a" * 10, [b"b" * 10])
+    upstream.answer.set()
+    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: None)
+    leader, joiner = fill.reader(), fill.reader()
+    await Flights().lead((KEY, "x", None), fill, upstream)
+    # Not handed to the leader alone: the joined clients prepare their responses first.
+    assert fill.received == 0 and fill.status == 200
+    first = [asyncio.create_task(anext(aiter(reader))) for reader in (leader, joiner)]
+    assert await asyncio.wait_for(asyncio.gather(*first), 1) == [b"a" * 10, b"a" * 10]
+    upstream.release.put_nowait(None)
+    assert fill.task is not None
+    await asyncio.wait_for(fill.task, 1)
+    assert fill.received == 20 and not fill.broken
