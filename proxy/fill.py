@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 FlightKey = tuple[CacheKey, str, str | None]
 # Past the entry limit, a fill keeps at most this much unread by its slowest client.
 BACKLOG_BYTES = 4 * 1024 * 1024
+# The waiter id of the fill's own task (readers' ids count up from 0).
+_SELF = -1
 
 
 class FillBroken(Exception):
@@ -59,7 +61,9 @@ class Fill:
         self._readers: dict[int, int] = {}
         self._reader_ids = count()
         self._ready = asyncio.Event()
-        self._wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Who waits for the fill to move on: each reader (by id) and the fill's own task
+        # (_SELF), each on a future of its own, so one cancelled waiter disturbs no other.
+        self._waiters: dict[int, asyncio.Future[None]] = {}
         self._no_readers_hook: Callable[[], None] | None = None
 
     def start(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
@@ -222,10 +226,21 @@ class Fill:
         self.stored = True
 
     def _notify(self) -> None:
-        wake, self._wake = self._wake, asyncio.get_running_loop().create_future()
-        # A reader cancelled while awaiting the future cancels it too.
-        if not wake.done():
-            wake.set_result(None)
+        waiters = self._waiters
+        if waiters:
+            self._waiters = {}
+            for waiter in waiters.values():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _wait(self, waiter_id: int) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[waiter_id] = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiters.get(waiter_id) is waiter:
+                del self._waiters[waiter_id]
 
     def _trim(self) -> None:
         lowest = min(self._readers.values(), default=self._offset + len(self._chunks))
@@ -236,7 +251,7 @@ class Fill:
 
     async def _wait_for_slow_readers(self) -> None:
         while self._readers and sum(len(c) for c in self._chunks) > BACKLOG_BYTES:
-            await asyncio.shield(self._wake)
+            await self._wait(_SELF)
             self._trim()
 
     async def _next_chunk(self, reader_id: int) -> bytes | None:
@@ -252,7 +267,7 @@ class Fill:
                 if self.broken:
                     raise FillBroken()
                 return None
-            await asyncio.shield(self._wake)
+            await self._wait(reader_id)
 
     def _leave(self, reader_id: int) -> None:
         self._readers.pop(reader_id, None)
