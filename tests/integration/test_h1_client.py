@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from yarl import URL
@@ -303,3 +307,57 @@ async def test_a_large_body_read_slowly_arrives_whole(serve: Serve) -> None:
     response.close()
     assert b"".join(parts) == payload
     await client.aclose()
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_an_https_origin_is_spoken_to_over_tls(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(OK_HELLO)
+        await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_side)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    client = H1Pool(
+        URL(f"https://127.0.0.1:{port}"),
+        limit=2,
+        connect_timeout=2.0,
+        read_timeout=2.0,
+        ssl_context=trusting,
+    )
+    try:
+        assert await body_of(await client.request("POST", "/s", [], b"")) == b"hello"
+        untrusting = H1Pool(
+            URL(f"https://127.0.0.1:{port}"), limit=2, connect_timeout=2.0, read_timeout=2.0
+        )
+        with pytest.raises(H1Error) as refused:  # not a certificate the system trusts
+            await untrusting.request("POST", "/s", [], b"")
+        assert refused.value.status == 502
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert seen[0].startswith(b"POST /s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port)
