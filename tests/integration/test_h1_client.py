@@ -50,6 +50,14 @@ class RawServer:
         finally:
             writer.close()
 
+    async def answer_with(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: bytes
+    ) -> None:
+        """Read one request, write `response`."""
+        await self.read_request(reader)
+        writer.write(response)
+        await writer.drain()
+
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
         """One request (head and Content-Length body), recorded."""
         head = await reader.readuntil(b"\r\n\r\n")
@@ -69,9 +77,7 @@ def keep_alive(*responses: bytes) -> Answer:
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         for response in responses:
-            await server.read_request(reader)
-            writer.write(response)
-            await writer.drain()
+            await server.answer_with(reader, writer, response)
         await reader.read()
 
     return answer
@@ -158,9 +164,9 @@ async def test_a_body_without_framing_ends_with_the_connection(serve: Serve) -> 
     async def answer(
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\n\r\nRIFF")
-        await writer.drain()
+        await server.answer_with(
+            reader, writer, b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\n\r\nRIFF"
+        )
         await asyncio.sleep(0.05)
         writer.write(b"data")
 
@@ -196,17 +202,13 @@ async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once(
     async def answer(
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await server.read_request(reader)
-        writer.write(OK_HELLO)
-        await writer.drain()
+        await server.answer_with(reader, writer, OK_HELLO)
         if server.connections == 1:
             # The first connection is closed after a read of the next request, unanswered:
             # what a server closing an idle connection looks like to the client.
             await reader.read(1)
             return
-        await server.read_request(reader)
-        writer.write(OK_HELLO)
-        await writer.drain()
+        await server.answer_with(reader, writer, OK_HELLO)
         await reader.read()
 
     server = await serve(answer)
@@ -242,9 +244,7 @@ async def test_a_refused_connection_and_a_malformed_answer_are_502s(
     async def answer(
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 2OO OK\r\nbroken\r\n\r\n")
-        await writer.drain()
+        await server.answer_with(reader, writer, b"HTTP/1.1 2OO OK\r\nbroken\r\n\r\n")
         await reader.read()
 
     server = await serve(answer)
@@ -291,9 +291,9 @@ async def test_a_large_body_read_slowly_arrives_whole(serve: Serve) -> None:
     async def answer(
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + payload)
-        await writer.drain()
+        await server.answer_with(
+            reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + payload
+        )
         await reader.read()
 
     server = await serve(answer)
