@@ -108,6 +108,7 @@ class _Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._released = False
+        self._stray = False
 
     # asyncio.Protocol
 
@@ -116,6 +117,12 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._head is None or self._complete:
+            # Bytes nobody asked for (before a request, or past a finished answer): whatever
+            # they are, this connection can no longer be trusted to frame the next answer.
+            self._stray = True
+            self._abort()
+            return
         self._got_bytes = True
         self._last_read = self._loop.time()
         try:
@@ -148,6 +155,10 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._stray = True  # a second answer in the bytes of the first
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -155,6 +166,8 @@ class _Connection(asyncio.Protocol):
         self._header_pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._interim = True  # 100 Continue and the like: the answer comes after it
@@ -172,7 +185,7 @@ class _Connection(asyncio.Protocol):
             self._head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self._interim:
+        if self._interim or self._stray:
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -182,6 +195,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._stray:
+            return
         if self._interim:
             self._interim = False
             return
@@ -240,6 +255,7 @@ class _Connection(asyncio.Protocol):
             and not self._chunks
             and not self._until_close
             and not self._closed
+            and not self._stray
             and self._keep_alive
         )
         if reusable:

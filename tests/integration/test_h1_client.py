@@ -361,3 +361,18 @@ async def test_an_https_origin_is_spoken_to_over_tls(self_signed: tuple[Path, Pa
         server.close()
         await server.wait_closed()
     assert seen[0].startswith(b"POST /s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port)
+
+
+async def test_bytes_past_the_answer_retire_the_connection(serve: Serve) -> None:
+    async def answer(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:  # every answer followed by a stray second one
+            await server.answer_with(reader, writer, OK_HELLO + OK_HELLO)
+
+    server = await serve(answer)
+    client = pool(server.origin)
+    for _ in range(3):
+        assert await body_of(await client.request("POST", "/s", [], b"")) == b"hello"
+    await client.aclose()
+    assert server.connections == 3 and len(server.requests) == 3
