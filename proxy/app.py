@@ -35,7 +35,7 @@ from proxy.storage.base import Entry, Tier
 from proxy.storage.disk import DiskGuard
 from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
-from proxy.storage.tiered import TieredCache
+from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 from proxy.upstreams.http import HttpUpstream, client_session
@@ -206,6 +206,7 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         timeout_seconds=cache_settings.volume.timeout_seconds,
         logger=log,
         after_volume_write=_recorder(settings, volume, index) if index and volume else None,
+        write_delay_seconds=WRITE_DELAY_SECONDS,
     )
     yield
     if cleanup is not None and not cleanup.done():

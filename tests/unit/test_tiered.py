@@ -291,3 +291,33 @@ async def test_a_write_backlog_is_bounded_in_bytes() -> None:
     tiers.put(keys[3], entry(b"12345"))  # the backlog drained: writes resume
     await tiers.drain()
     assert keys[3] in gated.entries
+
+
+async def test_the_volume_write_waits_its_delay_while_memory_serves() -> None:
+    volume = DictVolume()
+    tiers = TieredCache(
+        memory(), volume, timeout_seconds=5.0, logger=LOGGER, write_delay_seconds=0.2
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tiers.put(KEY, entry(b"one"))
+    tiers.put(KEY, entry(b"two"))
+    await asyncio.sleep(0.05)
+    assert volume.calls == [] and tiers.pending_writes == 1
+    found = await tiers.get(KEY)
+    assert found is not None and found[0].body == b"two" and found[1] == "memory"
+    await tiers.drain()
+    assert loop.time() - started >= 0.2
+    assert volume.calls == ["put"] and volume.entries[KEY].body == b"two"  # one write for both
+
+
+async def test_a_delete_within_the_delay_cancels_the_pending_write() -> None:
+    volume = DictVolume()
+    tiers = TieredCache(
+        memory(), volume, timeout_seconds=5.0, logger=LOGGER, write_delay_seconds=0.1
+    )
+    tiers.put(KEY, entry(b"one"))
+    await tiers.delete(KEY)
+    await tiers.drain()
+    assert "put" not in volume.calls and KEY not in volume.entries
+    assert await tiers.get(KEY) is None
