@@ -64,11 +64,6 @@ class Fill:
         # Who waits for the fill to move on: each reader (by id) and the fill's own task
         # (_SELF), each on a future of its own, so one cancelled waiter disturbs no other.
         self._waiters: dict[int, asyncio.Future[None]] = {}
-        self._no_readers_hook: Callable[[], None] | None = None
-
-    def start(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
-        """Begin the upstream call in its own task, so no single client can cancel it."""
-        self.task = asyncio.create_task(self._run(upstream, on_end))
 
     async def lead(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
         """Open the upstream call in the calling task (the first client's), then read the body
@@ -94,11 +89,6 @@ class Fill:
     async def wait_ready(self) -> None:
         """Wait for the upstream's status and headers, or its error."""
         await self._ready.wait()
-
-    async def _run(self, upstream: Upstream, on_end: Callable[[Fill], None]) -> None:
-        response = await self._open(upstream, on_end)
-        if response is not None:
-            await self._body(response, on_end)
 
     async def _open(
         self, upstream: Upstream, on_end: Callable[[Fill], None]
@@ -307,10 +297,6 @@ class Flights:
         """The fill a new request for `flight` can join, if any."""
         fill = self._fills.get(flight)
         return fill if fill is not None and fill.joinable and not fill.done else None
-
-    def start(self, flight: FlightKey, fill: Fill, upstream: Upstream) -> None:
-        """Register `fill` under `flight` and start it in a task of its own."""
-        fill.start(upstream, self._register(flight, fill))
 
     async def lead(self, flight: FlightKey, fill: Fill, upstream: Upstream) -> None:
         """Register `fill` under `flight` and open it in the calling task (see Fill.lead)."""

@@ -60,7 +60,7 @@ async def test_a_cancelled_reader_does_not_disturb_the_others() -> None:
     flights = Flights()
     first = asyncio.create_task(read_all(fill))
     second = asyncio.create_task(read_all(fill))
-    flights.start((KEY, SPEAK.text_sha256(), None), fill, upstream)
+    lead = asyncio.create_task(flights.lead((KEY, SPEAK.text_sha256(), None), fill, upstream))
     upstream.release.put_nowait(None)
     await asyncio.sleep(0.01)
     first.cancel()  # a reader waiting for the next chunk goes away
@@ -68,6 +68,7 @@ async def test_a_cancelled_reader_does_not_disturb_the_others() -> None:
     upstream.release.put_nowait(None)
     upstream.release.put_nowait(None)
     assert await second == b"a" * 10 + b"b" * 10 + b"c" * 10
+    await lead
     await flights.aclose()
     assert len(stored) == 1 and stored[0].body == await asyncio.wait_for(second, 1)
     assert first.cancelled()
@@ -79,7 +80,7 @@ async def test_nothing_is_stored_when_the_length_falls_short() -> None:
     stored: list[Entry] = []
     fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: stored.append(e))
     reader = asyncio.create_task(read_all(fill))
-    Flights().start((KEY, "x", None), fill, upstream)
+    lead = asyncio.create_task(Flights().lead((KEY, "x", None), fill, upstream))
     upstream.release.put_nowait(None)
     try:
         await reader
@@ -87,6 +88,7 @@ async def test_nothing_is_stored_when_the_length_falls_short() -> None:
         assert type(exc).__name__ == "FillBroken"
     else:
         raise AssertionError("a short body must not read as complete")
+    await lead
     assert stored == []
 
 
