@@ -11,7 +11,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry, stored_header
+from proxy.storage.entry import Entry, stored_header
 from proxy.upstreams.base import SpeakCall, Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)

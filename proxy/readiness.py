@@ -11,8 +11,8 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
-from proxy.storage.base import Tier
 from proxy.storage.index import PostgresIndex
+from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 

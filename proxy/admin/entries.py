@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from proxy.speak import CacheKey, valid_id
-from proxy.storage.base import EntryMeta
+from proxy.storage.entry import EntryMeta
 from proxy.storage.index import IndexedEntry, IndexUnavailable, PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_local import SIDECAR_SUFFIX, LocalVolume, StoredEntryInfo

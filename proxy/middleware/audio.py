@@ -11,7 +11,7 @@ from proxy.middleware.tts_cache import meta_headers
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.http import json_error
 

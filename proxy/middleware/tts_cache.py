@@ -20,10 +20,11 @@ from proxy.ownership import OwnershipCheck
 from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id, stamp_request_id
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
-from proxy.storage.base import Entry, EntryMeta, EntryStream
 from proxy.storage.disk import DiskGuard
+from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
+from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end, json_error
 

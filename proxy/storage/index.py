@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 from proxy.config import ConfigError, IndexSettings
 from proxy.speak import CacheKey
-from proxy.storage.base import EntryMeta
+from proxy.storage.entry import EntryMeta
 
 log = logging.getLogger(__name__)
 

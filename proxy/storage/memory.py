@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 
 
 class _Stored(NamedTuple):

@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry, EntryStream, Tier
+from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
+from proxy.storage.tiers import EntryStream, Tier
 
 T = TypeVar("T")
 # How long the proxy waits before it writes a fresh entry to the Volume (see TieredCache).

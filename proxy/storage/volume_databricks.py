@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from databricks.sdk.config import Config
 from proxy.identity import CURRENT_TOKEN
 from proxy.speak import CacheKey, valid_id
-from proxy.storage.base import Entry, EntryMeta
 from proxy.storage.breaker import BreakerState, CircuitBreaker
+from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.volume_local import (
     _MAX_SIDECAR_BYTES,
     OBJECT_EXTENSIONS,

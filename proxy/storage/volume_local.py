@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from proxy.speak import CacheKey, valid_id
-from proxy.storage.base import Entry, EntryMeta
+from proxy.storage.entry import Entry, EntryMeta
 
 _EXTENSIONS = {
     "audio/mpeg": "mp3",

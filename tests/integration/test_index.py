@@ -15,7 +15,7 @@ import pytest
 
 from proxy.config import ConfigError, IndexSettings
 from proxy.speak import CacheKey
-from proxy.storage.base import EntryMeta
+from proxy.storage.entry import EntryMeta
 from proxy.storage.index import IndexUnavailable, PostgresIndex
 from tests.pg import (
     ChatMessage,

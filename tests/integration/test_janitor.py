@@ -18,7 +18,7 @@ import pytest
 from proxy.config import CacheSettings, VolumeSettings
 from proxy.janitor import Janitor, JanitorReport
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.index import PostgresIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache

@@ -19,7 +19,7 @@ import pytest
 from proxy.config import VolumeSettings
 from proxy.identity import CURRENT_TOKEN
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_databricks import (
     CorruptEntry,

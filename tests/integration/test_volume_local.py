@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_local import (

@@ -10,7 +10,7 @@ from multidict import CIMultiDict
 
 from proxy.fill import Fill, Flights
 from proxy.speak import CacheKey, SpeakRequest
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.upstreams.base import SpeakCall
 
 KEY = CacheKey("alice@example.com", "t-1", "m-1", "af_nicole")

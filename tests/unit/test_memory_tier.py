@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 
 OVERHEAD = Entry.build(b"", content_type="audio/mpeg", text_sha256="t", provider=None).size

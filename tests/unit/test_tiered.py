@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from proxy.speak import CacheKey
-from proxy.storage.base import Entry
+from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
 

@@ -1,12 +1,10 @@
-"""Entry (metadata + body) and the Tier protocol every storage backend implements."""
+"""One stored recording: its metadata, its bytes, and the record a listing gives of it."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from proxy.speak import CacheKey
 
@@ -120,43 +118,22 @@ class Entry:
         return len(self.body) + 512 + sum(len(k) + len(v) for k, v in self.meta.headers)
 
 
-class Tier(Protocol):
-    """A place entries live: memory, a local folder, a Databricks Volume."""
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """One stored entry as a listing sees it (index rows, Volume walks, the dashboard).
 
-    name: str
+    Every source knows the key, the size and the times; the rest is None where the source does
+    not know it (a Volume walk reads no sidecar; only the index counts hits and keeps the path).
+    """
 
-    async def get(self, key: CacheKey) -> Entry | None:
-        """The entry stored under `key`, or None; a corrupt one is a miss."""
-
-    async def put(self, key: CacheKey, entry: Entry) -> None:
-        """Store `entry` under `key`, replacing what was there."""
-
-    async def delete(self, key: CacheKey) -> None:
-        """Remove the entry under `key`, if any."""
-
-    async def aclose(self) -> None:
-        """Release what the tier holds open."""
-
-
-class EntryStream(Protocol):
-    """A stored entry whose body arrives in chunks, checked as it goes (a streamed Volume hit)."""
-
-    @property
-    def meta(self) -> EntryMeta:
-        """The entry's metadata, known before the first byte."""
-        ...
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        """The body; raises rather than yield a final chunk that fails the integrity check."""
-        ...
-
-    async def aclose(self) -> None:
-        """Stop reading and release the connection."""
-
-
-class StreamingTier(Tier, Protocol):
-    """A tier that can also stream a hit."""
-
-    async def open(self, key: CacheKey) -> EntryStream | None:
-        """The entry under `key` as a stream, or None."""
-        ...
+    key: CacheKey
+    bytes: int
+    created_at: float
+    last_hit_at: float
+    provider: str | None = None
+    hits: int | None = None
+    path: str | None = None
+    content_type: str | None = None
+    body_sha256: str | None = None
+    text_sha256: str | None = None
+    in_memory: bool = False

@@ -1,0 +1,120 @@
+"""The storage contracts: Tier (every place entries live) and DurableTier (the Volume)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from proxy.speak import CacheKey
+from proxy.storage.breaker import BreakerState
+from proxy.storage.entry import Entry, EntryInfo, EntryMeta
+
+
+class Tier(Protocol):
+    """A place entries live: memory, a local folder, a Databricks Volume."""
+
+    name: str
+
+    async def get(self, key: CacheKey) -> Entry | None:
+        """The entry stored under `key`, or None; a corrupt one is a miss."""
+
+    async def put(self, key: CacheKey, entry: Entry) -> None:
+        """Store `entry` under `key`, replacing what was there."""
+
+    async def delete(self, key: CacheKey) -> None:
+        """Remove the entry under `key`, if any."""
+
+    async def aclose(self) -> None:
+        """Release what the tier holds open."""
+
+
+class EntryStream(Protocol):
+    """A stored entry whose body arrives in chunks, checked as it goes (a streamed Volume hit)."""
+
+    @property
+    def meta(self) -> EntryMeta:
+        """The entry's metadata, known before the first byte."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """The body; raises rather than yield a final chunk that fails the integrity check."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop reading and release the connection."""
+
+
+class DurableTier(Tier, Protocol):
+    """The Volume: entries that outlive the process, shared by every process and replica.
+
+    Layout and integrity rules are common to every Volume (`proxy.storage.layout`): an object
+    beside its sidecar, the object written first and the sidecar last, and an object whose length
+    or sha256 disagrees with its sidecar removed and missed, never served.
+    """
+
+    kind: str
+
+    @property
+    def breaker_state(self) -> BreakerState | None:
+        """The circuit breaker's state, or None for a Volume without one."""
+        ...
+
+    @property
+    def walkable(self) -> bool:
+        """True when the Volume can be listed outside a request (no user's token needed)."""
+        ...
+
+    def describe(self) -> str:
+        """The Volume's kind and health, in words, for the dashboard."""
+        ...
+
+    def get_nowait(self, key: CacheKey) -> Entry | None:
+        """A hit read without awaiting, only where that cannot block; None means "ask open()"."""
+        ...
+
+    async def open(self, key: CacheKey) -> Entry | EntryStream | None:
+        """The entry under `key`, streamed where the Volume streams, or None on a miss."""
+        ...
+
+    async def exists(self, key: CacheKey) -> bool:
+        """True when `key` has a valid sidecar and an object of the length it records."""
+        ...
+
+    def location(self, key: CacheKey, content_type: str) -> str:
+        """Where the object for `key` lives (what the index and the legacy metadata record)."""
+        ...
+
+    def list_entries(
+        self,
+        user: str | None = None,
+        thread_id: str | None = None,
+        message_id: str | None = None,
+    ) -> AsyncIterator[EntryInfo]:
+        """Every entry under the base, a user, a thread or a message."""
+        ...
+
+    async def scan(self) -> list[EntryInfo]:
+        """Every entry with an object: its size, when it was made and last hit."""
+        ...
+
+    async def delete_prefix(
+        self, user: str, thread_id: str | None = None, message_id: str | None = None
+    ) -> int:
+        """Remove a user's, a thread's or a message's entries; return how many entries went."""
+        ...
+
+    async def record_hits(self, hits: Mapping[CacheKey, float]) -> int:
+        """Record hits seen elsewhere (memory) where the Volume keeps hit times; return how many."""
+        ...
+
+    async def clean_leftovers(self) -> int:
+        """Remove the temporary files a crash of this host left behind; return how many."""
+        ...
+
+    async def clean_orphans(self, *, limit: int, older_than: float) -> int:
+        """Remove up to `limit` crash leftovers last changed before `older_than`."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the Volume can be written now (readiness)."""
+        ...
