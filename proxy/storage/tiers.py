@@ -76,6 +76,10 @@ class DurableTier(Tier, Protocol):
         """The entry under `key`, streamed where the Volume streams, or None on a miss."""
         ...
 
+    async def read_meta(self, key: CacheKey) -> EntryMeta | None:
+        """The sidecar's metadata without the body; None when absent or malformed (kept as is)."""
+        ...
+
     async def exists(self, key: CacheKey) -> bool:
         """True when `key` has a valid sidecar and an object of the length it records."""
         ...
