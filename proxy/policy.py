@@ -1,0 +1,101 @@
+"""The caching rules, pure and without I/O: what is cacheable, what is storable, what matches.
+
+Each rule takes plain values (the parsed speak call, the upstream's head, a stored entry's
+metadata) and answers yes or no; the handler and the fill ask, and do the I/O themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from cachetools import TTLCache
+
+from proxy.speak import CacheKey, SpeakRequest
+from proxy.storage.entry import EntryMeta
+
+# How long a request counts towards cache.min_uses, and how many keys are counted at once.
+USE_WINDOW_SECONDS: Final = 86_400.0
+MAX_COUNTED_KEYS: Final = 100_000
+FALLBACK_HEADER: Final = "X-TTS-Fallback"
+PROVIDER_HEADER: Final = "X-TTS-Provider"
+
+
+def cacheable_key(
+    speak: SpeakRequest, user: str | None, *, max_text_chars: int = 0
+) -> CacheKey | None:
+    """The key of a speak call that may be cached, else None.
+
+    Cacheable: a user the identity rules believe, both ids, `save_to_volume: true`, a text that is
+    not blank and not longer than `max_text_chars` (0: no limit; long texts such as LLM replies are
+    rarely replayed), and every key part a valid id (they become path segments).
+    """
+    if not (user and speak.message_id and speak.thread_id and speak.save_to_volume):
+        return None
+    if not speak.text.strip():
+        return None
+    if max_text_chars > 0 and len(speak.text) > max_text_chars:
+        return None
+    key = CacheKey(user, speak.thread_id, speak.message_id, speak.voice)
+    return key if key.valid() else None
+
+
+def storable_head(
+    status: int,
+    headers: Mapping[str, str],
+    *,
+    wanted_provider: str | None,
+    max_entry_bytes: int,
+) -> bool:
+    """True when an upstream answer with this status and these headers may become an entry.
+
+    Only a clean 200 of audio is stored: no content coding (RFC 9110 8.4: the entry is replayed as
+    is to clients that may not accept it), a declared length within `max_entry_bytes`, never a
+    stand-in (another provider's or another voice's audio, `X-TTS-Fallback`), and, when the call
+    named a provider, audio from that provider. The body's own end is judged by the fill.
+    """
+    content_type = headers.get("Content-Type", "").lower()
+    encoding = headers.get("Content-Encoding", "identity").lower()
+    length = headers.get("Content-Length")
+    if status != 200 or not content_type.startswith("audio/"):
+        return False
+    if encoding != "identity":
+        return False
+    if length is not None and (not length.isdigit() or int(length) > max_entry_bytes):
+        return False
+    if FALLBACK_HEADER in headers:
+        return False
+    used = headers.get(PROVIDER_HEADER, "").strip().lower() or None
+    return not (wanted_provider is not None and used != wanted_provider)
+
+
+def entry_matches(meta: EntryMeta, text_sha256: str, provider: str | None) -> bool:
+    """True when a stored entry was made from this text, and by the provider asked for, if any.
+
+    An edited message (another text under the same key) is another recording: a miss.
+    """
+    if meta.text_sha256 != text_sha256:
+        return False
+    return provider is None or meta.provider == provider
+
+
+class Admission:
+    """Counts requests per key and text; a fill may store from the `min_uses`-th within a day."""
+
+    def __init__(self, *, min_uses: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_uses = min_uses
+        self._uses: TTLCache[tuple[CacheKey, str], int] | None = (
+            TTLCache(maxsize=MAX_COUNTED_KEYS, ttl=USE_WINDOW_SECONDS, timer=clock)
+            if min_uses > 1
+            else None
+        )
+
+    def count_use(self, key: CacheKey, text_sha256: str) -> bool:
+        """Count one more request; True once it has been asked for `min_uses` times."""
+        if self._uses is None:
+            return True
+        pair = (key, text_sha256)
+        uses = self._uses.get(pair, 0) + 1
+        self._uses[pair] = uses
+        return uses >= self.min_uses
