@@ -36,9 +36,8 @@ from proxy.storage.entry import Entry
 from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
-from proxy.storage.tiers import Tier
-from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
+from proxy.storage.tiers import DurableTier
+from proxy.storage.volumes import build_volume
 from proxy.upstreams.http import HttpUpstream, client_session
 from proxy.upstreams.providers import ProviderChain, build_synthesizer, check_credentials
 
@@ -51,7 +50,7 @@ FLIGHTS: Final = web.AppKey("flights", Flights)
 UPSTREAM: Final = web.AppKey("upstream", HttpUpstream)
 CACHE: Final = web.AppKey("cache", TieredCache)
 INDEX: Final = web.AppKey("index", PostgresIndex)
-VOLUME: Final = web.AppKey("volume", Tier)
+VOLUME: Final = web.AppKey("volume", DurableTier)
 TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
@@ -190,16 +189,11 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         ttl_seconds=cache_settings.memory.ttl_seconds,
         max_entry_bytes=cache_settings.max_entry_bytes,
     )
-    volume: Tier | None = None
+    volume = build_volume(cache_settings.volume)
     cleanup: asyncio.Task[int] | None = None
-    if cache_settings.volume.kind == "local":
-        local = LocalVolume(cache_settings.volume.path, cache_settings.volume.prefix)
-        cleanup = asyncio.create_task(local.clean_leftovers())
-        volume = local
-    elif cache_settings.volume.kind == "databricks":
-        volume = DatabricksVolume(cache_settings.volume)
     if volume is not None:
         app[VOLUME] = volume
+        cleanup = asyncio.create_task(volume.clean_leftovers())
     index = app.get(INDEX)
     app[CACHE] = TieredCache(
         memory,
@@ -239,13 +233,12 @@ def _index_password(settings: IndexSettings) -> Password | None:
 
 
 def _recorder(
-    settings: Settings, volume: Tier, index: PostgresIndex
+    settings: Settings, volume: DurableTier, index: PostgresIndex
 ) -> Callable[[CacheKey, Entry], Awaitable[None]]:
     """After a Volume write: the index row, and the legacy metadata where configured."""
-    locate = getattr(volume, "location", None)
 
     async def record(key: CacheKey, entry: Entry) -> None:
-        path = locate(key, entry.meta.content_type) if locate else ""
+        path = volume.location(key, entry.meta.content_type)
         await index.record(key, entry.meta, path)
         if settings.index.write_legacy_metadata:
             await index.write_legacy_metadata(key, path, entry.meta.provider, entry.meta.created_at)
@@ -258,13 +251,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     guard = DiskGuard.from_settings(settings.cache.volume)
     await guard.refresh()  # a real answer before the first request
     app[DISK_GUARD] = guard
-    volume = app.get(VOLUME)
-    janitor = Janitor(
-        settings.cache,
-        get_state(app, CACHE),
-        volume if isinstance(volume, LocalVolume | DatabricksVolume) else None,
-        app.get(INDEX),
-    )
+    janitor = Janitor(settings.cache, get_state(app, CACHE), app.get(VOLUME), app.get(INDEX))
     app[JANITOR] = janitor
     janitor.start()
     yield

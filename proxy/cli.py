@@ -92,12 +92,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    from proxy.purge import BadScope, PurgeScope
     from proxy.purge_cli import run_purge
+    from proxy.storage.scope import BadScope, Scope
 
     settings = _load(args)
     try:
-        scope = PurgeScope.parse(
+        scope = Scope.parse(
             user=args.user,
             thread_id=args.thread,
             message_id=args.message,

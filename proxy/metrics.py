@@ -23,7 +23,6 @@ from proxy.latency import Latency
 from proxy.stats import CacheStats
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_databricks import DatabricksVolume
 
 PREFIX: Final = "tts_proxy"
 # Volume totals come from the index or a walk: refreshed at most this often, not per scrape.
@@ -114,12 +113,13 @@ class ProxyCollector(Collector):
 
     def _health(self) -> Iterable[Metric]:
         volume = self.cache.volume
-        if isinstance(volume, DatabricksVolume):
+        state = volume.breaker_state if volume is not None else None
+        if state is not None:
             breaker = GaugeMetricFamily(
                 f"{PREFIX}_volume_breaker", "1 for the Volume breaker's state.", labels=["state"]
             )
-            for state in BREAKER_STATES:
-                breaker.add_metric([state], 1.0 if volume.breaker_state == state else 0.0)
+            for name in BREAKER_STATES:
+                breaker.add_metric([name], 1.0 if state == name else 0.0)
             yield breaker
         if self.index is not None:
             yield GaugeMetricFamily(

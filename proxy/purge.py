@@ -2,73 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from proxy.fill import Flights
 from proxy.ownership import OwnershipCheck
-from proxy.speak import CacheKey, valid_id
+from proxy.speak import CacheKey
 from proxy.storage.index import IndexUnavailable, PostgresIndex
+from proxy.storage.scope import Scope
 from proxy.storage.tiered import TieredCache
+from proxy.storage.tiers import DurableTier
 
 log = logging.getLogger(__name__)
-
-
-class BadScope(ValueError):
-    """The purge scope is not a valid prefix of user / thread / message / voice."""
-
-
-@dataclass(frozen=True, slots=True)
-class PurgeScope:
-    """A prefix of the entry path; all None with `everything` means the whole cache."""
-
-    user: str | None = None
-    thread_id: str | None = None
-    message_id: str | None = None
-    voice: str | None = None
-    everything: bool = False
-
-    @classmethod
-    def parse(
-        cls,
-        *,
-        user: str | None,
-        thread_id: str | None = None,
-        message_id: str | None = None,
-        voice: str | None = None,
-        everything: bool = False,
-    ) -> PurgeScope:
-        """Validate a scope: a prefix in order, valid ids, or `everything` alone."""
-        parts = [user, thread_id, message_id, voice]
-        given = [p for p in parts if p is not None]
-        if everything:
-            if given:
-                raise BadScope("all=true cannot be combined with ids")
-            return cls(everything=True)
-        if not given:
-            raise BadScope("name a user (and optionally thread, message, voice), or all=true")
-        names = ["user", "thread", "message", "voice"]
-        for index, part in enumerate(parts[1:], start=1):
-            if part is not None and parts[index - 1] is None:
-                raise BadScope(f"{names[index]} needs {names[index - 1]}")
-        for name, part in zip(names, parts, strict=True):
-            if part is not None and not valid_id(part):
-                raise BadScope(f"invalid {name}")
-        return cls(user, thread_id, message_id, voice)
-
-    def covers(self, key: CacheKey) -> bool:
-        """True when `key` lies inside this scope."""
-        if self.everything:
-            return True
-        pairs = (
-            (self.user, key.user),
-            (self.thread_id, key.thread_id),
-            (self.message_id, key.message_id),
-            (self.voice, key.voice),
-        )
-        return all(wanted is None or wanted == actual for wanted, actual in pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +42,7 @@ class PurgeResult:
 
 
 async def purge(
-    scope: PurgeScope,
+    scope: Scope,
     *,
     cache: TieredCache,
     flights: Flights | None,
@@ -116,8 +61,8 @@ async def purge(
     return result
 
 
-async def _purge_volume(scope: PurgeScope, cache: TieredCache) -> int:
-    volume: Any = cache.volume
+async def _purge_volume(scope: Scope, cache: TieredCache) -> int:
+    volume = cache.volume
     if volume is None:
         return 0
     if scope.voice is not None:
@@ -127,29 +72,19 @@ async def _purge_volume(scope: PurgeScope, cache: TieredCache) -> int:
         await volume.delete(key)
         return int(existed)
     if scope.user is not None:
-        count: int = await volume.delete_prefix(scope.user, scope.thread_id, scope.message_id)
-        return count
+        return await volume.delete_prefix(scope.user, scope.thread_id, scope.message_id)
     total = 0
     for user in await _volume_users(volume):
         total += await volume.delete_prefix(user)
     return total
 
 
-async def _volume_users(volume: Any) -> list[str]:
-    """Every user folder on the Volume, for a purge of everything."""
-    if hasattr(volume, "list_entries"):
-        return sorted({listed.key.user async for listed in volume.list_entries()})
-    base = volume.base
-
-    def users() -> list[str]:
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and valid_id(p.name))
-
-    return await asyncio.to_thread(users)
+async def _volume_users(volume: DurableTier) -> list[str]:
+    """Every user with an entry on the Volume, for a purge of everything."""
+    return sorted({listed.key.user async for listed in volume.list_entries()})
 
 
-async def _purge_index(scope: PurgeScope, index: PostgresIndex | None) -> int:
+async def _purge_index(scope: Scope, index: PostgresIndex | None) -> int:
     if index is None:
         return 0
     try:

@@ -10,17 +10,16 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Settings
-from proxy.purge import PurgeResult, PurgeScope, purge
+from proxy.purge import PurgeResult, purge
 from proxy.storage.index import PostgresIndex, index_enabled
+from proxy.storage.scope import Scope
 from proxy.storage.tiered import TieredCache
-from proxy.storage.tiers import Tier
-from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
+from proxy.storage.volumes import build_volume
 
 log = logging.getLogger(__name__)
 
 
-async def run_purge(settings: Settings, scope: PurgeScope) -> dict[str, Any]:
+async def run_purge(settings: Settings, scope: Scope) -> dict[str, Any]:
     """Purge `scope` through the running proxy (its memory too), else the Volume and index."""
     if settings.admin.token:
         answer = await _through_api(settings, scope)
@@ -30,18 +29,10 @@ async def run_purge(settings: Settings, scope: PurgeScope) -> dict[str, Any]:
     return {"via": "direct", **result.to_json()}
 
 
-async def _through_api(settings: Settings, scope: PurgeScope) -> dict[str, Any] | None:
+async def _through_api(settings: Settings, scope: Scope) -> dict[str, Any] | None:
     host = settings.server.host
     host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
-    query = {"all": "true"} if scope.everything else {}
-    for name, value in (
-        ("user", scope.user),
-        ("thread", scope.thread_id),
-        ("message", scope.message_id),
-        ("voice", scope.voice),
-    ):
-        if value is not None:
-            query[name] = value
+    query = scope.query()
     url = f"http://{host}:{settings.server.port}/_proxy/admin/api/entries"
     headers = {"Authorization": f"Bearer {settings.admin.token}"}
     try:
@@ -58,13 +49,9 @@ async def _through_api(settings: Settings, scope: PurgeScope) -> dict[str, Any] 
         return None
 
 
-async def _directly(settings: Settings, scope: PurgeScope) -> PurgeResult:
+async def _directly(settings: Settings, scope: Scope) -> PurgeResult:
     volume_settings = settings.cache.volume
-    volume: Tier | None = None
-    if volume_settings.kind == "local":
-        volume = LocalVolume(volume_settings.path, volume_settings.prefix)
-    elif volume_settings.kind == "databricks":
-        volume = DatabricksVolume(volume_settings)
+    volume = build_volume(volume_settings)
     index: PostgresIndex | None = None
     if index_enabled(settings.index, os.environ):
         index = PostgresIndex.from_settings(settings.index)

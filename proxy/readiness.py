@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 
 from proxy.storage.index import PostgresIndex
-from proxy.storage.tiers import Tier
-from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
+from proxy.storage.tiers import DurableTier
 
 CHECK_TIMEOUT_SECONDS: Final = 2.0
 
@@ -29,7 +25,7 @@ class Readiness:
         *,
         upstream_url: str,
         session: aiohttp.ClientSession,
-        volume: Tier | None = None,
+        volume: DurableTier | None = None,
         index: PostgresIndex | None = None,
         timeout_seconds: float = CHECK_TIMEOUT_SECONDS,
     ) -> None:
@@ -37,10 +33,7 @@ class Readiness:
         self._checks: dict[str, Check] = {
             "upstream": lambda: upstream_answers(session, upstream_url)
         }
-        if isinstance(volume, LocalVolume):
-            root = volume.root
-            self._checks["volume"] = lambda: asyncio.to_thread(folder_writable, root)
-        elif isinstance(volume, DatabricksVolume):
+        if volume is not None:
             self._checks["volume"] = volume.ping
         if index is not None:
             self._checks["index"] = index.ping
@@ -74,16 +67,6 @@ async def upstream_answers(session: aiohttp.ClientSession, url: str) -> bool:
     """True when the upstream answers a HEAD with any HTTP status (a 404 or a 500 is an answer)."""
     async with session.head(url, allow_redirects=False) as response:
         return response.status > 0
-
-
-def folder_writable(root: Path) -> bool:
-    """True when the Volume folder (or, before its first write, its nearest parent) is writable."""
-    path = root
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def readiness_session() -> aiohttp.ClientSession:

@@ -13,10 +13,11 @@ from proxy.admin.auth import refuse
 from proxy.fill import Flights
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.purge import BadScope, PurgeScope, purge
+from proxy.purge import purge
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.index import IndexUnavailable, PostgresIndex
+from proxy.storage.scope import BadScope, Scope
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.http import json_error
 
@@ -44,7 +45,7 @@ class AdminApi:
             return refused
         query = request.query
         try:
-            scope = PurgeScope.parse(
+            scope = Scope.parse(
                 user=query.get("user"),
                 thread_id=query.get("thread"),
                 message_id=query.get("message"),

@@ -10,11 +10,12 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from proxy.admin.api import AdminApi
-from proxy.admin.entries import EntryBrowser, EntryFilter
+from proxy.admin.entries import EntryBrowser
 from proxy.admin.pages import ADMIN, SECURITY_HEADERS, AdminPages, see_other
 from proxy.middleware.audio import serve_entry
-from proxy.purge import BadScope, PurgeScope, purge
+from proxy.purge import purge
 from proxy.speak import CacheKey
+from proxy.storage.scope import BadScope, Scope
 
 ADMIN_AUDIO_ROUTE = f"{ADMIN}/audio/{{user}}/{{thread}}/{{message}}/{{voice}}"
 
@@ -31,7 +32,7 @@ def entry_url(key: CacheKey) -> str:
     return f"{ADMIN}/entry?" + urlencode({**query, "voice": key.voice})
 
 
-def purge_url(scope: EntryFilter) -> str:
+def purge_url(scope: Scope) -> str:
     """The confirmation page for purging `scope`."""
     return f"{ADMIN}/purge?" + urlencode(scope.query())
 
@@ -47,7 +48,7 @@ class EntryPages:
     async def entries(self, request: web.Request) -> web.StreamResponse:
         """GET /_proxy/admin/entries?user=&thread=&message=&voice=&page=."""
         session = self.pages.guard(request)
-        wanted = EntryFilter.parse(dict(request.query))
+        wanted = Scope.from_query(request.query)
         page_text = request.query.get("page", "0")
         page = int(page_text) if page_text.isdigit() and len(page_text) < 7 else 0
         found = await self.browser.page(wanted, page)
@@ -60,10 +61,10 @@ class EntryPages:
             "purge_url": purge_url,
             "scope_of": _scope_of,
             "removed": int(removed) if removed.isdigit() and len(removed) < 10 else None,
-            "purge_user": purge_url(EntryFilter(wanted.user)) if wanted.user else None,
+            "purge_user": purge_url(Scope(wanted.user)) if wanted.user else None,
             "purge_thread": (
-                purge_url(EntryFilter(wanted.user, wanted.thread))
-                if wanted.user and wanted.thread
+                purge_url(Scope(wanted.user, wanted.thread_id))
+                if wanted.user and wanted.thread_id
                 else None
             ),
             "page_url": lambda n: f"{ADMIN}/entries?" + urlencode({**wanted.query(), "page": n}),
@@ -91,7 +92,7 @@ class EntryPages:
         """GET /_proxy/admin/purge?user=...: what would go, and a button to confirm."""
         session = self.pages.guard(request)
         scope = self._scope(dict(request.query))
-        context = {"page": "entries", "scope": scope, "filter": _filter_of(scope)}
+        context = {"page": "entries", "scope": scope, "filter": scope}
         return self.pages.render(request, "purge.html", context, session=session)
 
     async def purge(self, request: web.Request) -> web.StreamResponse:
@@ -121,9 +122,9 @@ class EntryPages:
         entry, tier = found
         return serve_entry(request, entry, tier)
 
-    def _scope(self, values: Mapping[str, str]) -> PurgeScope:
+    def _scope(self, values: Mapping[str, str]) -> Scope:
         try:
-            return PurgeScope.parse(
+            return Scope.parse(
                 user=values.get("user") or None,
                 thread_id=values.get("thread") or None,
                 message_id=values.get("message") or None,
@@ -133,21 +134,15 @@ class EntryPages:
             raise web.HTTPBadRequest(text=f"400: {exc}", headers=SECURITY_HEADERS) from None
 
 
-def _key_from(values: object) -> CacheKey | None:
-    get = getattr(values, "get", None)
-    if get is None:
-        return None
+def _key_from(values: Mapping[str, str]) -> CacheKey | None:
+    get = values.get
     key = CacheKey(get("user", ""), get("thread", ""), get("message", ""), get("voice", ""))
     return key if key.valid() else None
 
 
-def _filter_of(scope: PurgeScope) -> EntryFilter:
-    return EntryFilter(scope.user, scope.thread_id, scope.message_id, scope.voice)
-
-
-def _scope_of(key: CacheKey, depth: str) -> EntryFilter:
+def _scope_of(key: CacheKey, depth: str) -> Scope:
     """The purge scope of an entry's user, thread, message or voice (the entry itself)."""
     parts = [key.user, key.thread_id, key.message_id, key.voice]
     keep = {"user": 1, "thread": 2, "message": 3, "voice": 4}[depth]
     padded = parts[:keep] + [None] * (4 - keep)
-    return EntryFilter(*padded)
+    return Scope(*padded)

@@ -9,8 +9,6 @@ from proxy.admin.chart import HEIGHT, WIDTH, hit_ratio_bars
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.history import History
 from proxy.metrics import error_counts
-from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
 
 
 def ratio(part: int, whole: int) -> float | None:
@@ -75,12 +73,7 @@ async def overview(api: AdminApi, history: History, browser: EntryBrowser) -> di
 def health(api: AdminApi) -> dict[str, str]:
     """The Volume's kind and breaker state, and the index's state, in words."""
     volume = api.cache.volume
-    if isinstance(volume, DatabricksVolume):
-        volume_state = f"Databricks, breaker {volume.breaker_state}"
-    elif isinstance(volume, LocalVolume):
-        volume_state = "local folder (no breaker)"
-    else:
-        volume_state = "none"
+    volume_state = volume.describe() if volume is not None else "none"
     if api.index is None:
         index_state = "not configured"
     else:

@@ -11,7 +11,7 @@ from typing import TypeVar
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
-from proxy.storage.tiers import EntryStream, Tier
+from proxy.storage.tiers import DurableTier, EntryStream
 
 T = TypeVar("T")
 # How long the proxy waits before it writes a fresh entry to the Volume (see TieredCache).
@@ -25,7 +25,7 @@ class TieredCache:
     def __init__(
         self,
         memory: MemoryTier | None,
-        volume: Tier | None,
+        volume: DurableTier | None,
         *,
         timeout_seconds: float,
         logger: logging.Logger,
@@ -88,10 +88,14 @@ class TieredCache:
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
         """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
         volume = self.volume
-        opener = getattr(volume, "open", None)
-        if volume is None or opener is None:
-            return await self._read_volume(key)
-        found: EntryStream | None = await self._call(volume.name, "open", key, lambda: opener(key))
+        if volume is None:
+            return None
+        entry = self._volume_nowait(volume, key)
+        if entry is not None:
+            return entry
+        found = await self._call(volume.name, "open", key, lambda: volume.open(key))
+        if isinstance(found, Entry):
+            self.promote(key, found)
         return found
 
     async def _read_volume(self, key: CacheKey) -> Entry | None:
@@ -99,15 +103,21 @@ class TieredCache:
         volume = self.volume
         if volume is None:
             return None
-        entry: Entry | None = None
-        fast = getattr(volume, "get_nowait", None)
-        if fast is not None:
-            try:
-                entry = fast(key)
-            except Exception as exc:
-                self._failed(volume.name, "get", key, exc)
-        if entry is None:
-            entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
+        entry = self._volume_nowait(volume, key)
+        if entry is not None:
+            return entry
+        entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
+        if entry is not None:
+            self.promote(key, entry)
+        return entry
+
+    def _volume_nowait(self, volume: DurableTier, key: CacheKey) -> Entry | None:
+        """The Volume's entry read without awaiting, where it cannot block; promoted."""
+        try:
+            entry = volume.get_nowait(key)
+        except Exception as exc:
+            self._failed(volume.name, "get", key, exc)
+            return None
         if entry is not None:
             self.promote(key, entry)
         return entry
@@ -197,7 +207,7 @@ class TieredCache:
                     "cache tier %s failed to close: %s", tier.name, type(exc).__name__
                 )
 
-    async def _write_behind(self, volume: Tier, key: CacheKey) -> None:
+    async def _write_behind(self, volume: DurableTier, key: CacheKey) -> None:
         try:
             if self.write_delay_seconds > 0:
                 await asyncio.sleep(self.write_delay_seconds)

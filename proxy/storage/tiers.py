@@ -107,8 +107,11 @@ class DurableTier(Tier, Protocol):
         """Remove a user's, a thread's or a message's entries; return how many entries went."""
         ...
 
-    async def record_hits(self, hits: Mapping[CacheKey, float]) -> int:
-        """Record hits seen elsewhere (memory) where the Volume keeps hit times; return how many."""
+    async def record_hits(self, hits: Mapping[CacheKey, float]) -> bool:
+        """Write hits seen elsewhere (memory) into the Volume's last-hit times.
+
+        False when the Volume keeps no hit times: the caller must then keep them itself.
+        """
         ...
 
     async def clean_leftovers(self) -> int:
