@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from proxy.config import CacheSettings
+from proxy.index.entries import PostgresIndex
+from proxy.index.ledger import IndexLedger
+from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
-from proxy.storage.index import IndexUnavailable, PostgresIndex
-from proxy.storage.index_janitor import IndexLedger
+from proxy.storage.entry import EntryInfo
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume, StoredEntryInfo
+from proxy.storage.volume_local import LocalVolume
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class JanitorReport:
 class Ledger(Protocol):
     """Where the janitor reads sizes and hit times from: the index, or one walk of the Volume."""
 
-    async def expired(self, before: float, limit: int) -> list[StoredEntryInfo]:
+    async def expired(self, before: float, limit: int) -> list[EntryInfo]:
         """Entries last hit (or made, when never hit) before `before`, oldest first."""
         ...
 
@@ -75,15 +77,15 @@ class Ledger(Protocol):
         """(user, bytes) of users over `quota`, the largest first."""
         ...
 
-    async def oldest_of_user(self, user: str, limit: int) -> list[StoredEntryInfo]:
+    async def oldest_of_user(self, user: str, limit: int) -> list[EntryInfo]:
         """One user's entries, least recently hit first."""
         ...
 
-    async def oldest(self, limit: int) -> list[StoredEntryInfo]:
+    async def oldest(self, limit: int) -> list[EntryInfo]:
         """Every entry, least recently hit first."""
         ...
 
-    async def forget(self, entry: StoredEntryInfo) -> bool:
+    async def forget(self, entry: EntryInfo) -> bool:
         """Drop an evicted entry from the ledger; True when it was there."""
         ...
 
@@ -101,17 +103,17 @@ class WalkLedger:
     """A Ledger over one walk of the Volume, with the hits this process saw in memory."""
 
     def __init__(
-        self, entries: Iterable[StoredEntryInfo], hits: Mapping[CacheKey, float] | None = None
+        self, entries: Iterable[EntryInfo], hits: Mapping[CacheKey, float] | None = None
     ) -> None:
         hits = hits or {}
-        self._entries: dict[CacheKey, StoredEntryInfo] = {}
+        self._entries: dict[CacheKey, EntryInfo] = {}
         for entry in entries:
             hit = hits.get(entry.key)
             if hit is not None and hit > entry.last_hit_at:
                 entry = dataclasses.replace(entry, last_hit_at=hit)
             self._entries[entry.key] = entry
 
-    async def expired(self, before: float, limit: int) -> list[StoredEntryInfo]:
+    async def expired(self, before: float, limit: int) -> list[EntryInfo]:
         """Entries last hit before `before`, oldest first."""
         return [entry for entry in self._by_hit() if entry.last_hit_at < before][:limit]
 
@@ -127,19 +129,19 @@ class WalkLedger:
         over = [(user, used) for user, used in usage.items() if used > quota]
         return sorted(over, key=lambda pair: (-pair[1], pair[0]))[:limit]
 
-    async def oldest_of_user(self, user: str, limit: int) -> list[StoredEntryInfo]:
+    async def oldest_of_user(self, user: str, limit: int) -> list[EntryInfo]:
         """One user's entries, least recently hit first."""
         return [entry for entry in self._by_hit() if entry.key.user == user][:limit]
 
-    async def oldest(self, limit: int) -> list[StoredEntryInfo]:
+    async def oldest(self, limit: int) -> list[EntryInfo]:
         """Every entry, least recently hit first."""
         return self._by_hit()[:limit]
 
-    async def forget(self, entry: StoredEntryInfo) -> bool:
+    async def forget(self, entry: EntryInfo) -> bool:
         """Drop an evicted entry."""
         return self._entries.pop(entry.key, None) is not None
 
-    def _by_hit(self) -> list[StoredEntryInfo]:
+    def _by_hit(self) -> list[EntryInfo]:
         return sorted(self._entries.values(), key=_hit_order)
 
     def summary(self, top: int = 20) -> VolumeSummary:
@@ -185,7 +187,7 @@ class Janitor:
         self._cache = cache
         self._volume = volume
         self._index = index
-        self._ledger = IndexLedger(index) if index is not None else None
+        self._ledger = IndexLedger(index.pool) if index is not None else None
         self._clock = clock
         self._grace = leftover_grace_seconds
         self._batch = settings.janitor_batch_size
@@ -290,7 +292,10 @@ class Janitor:
             for key, at in seen.items():
                 if self._hits.get(key) == at:
                     del self._hits[key]
-        ledger = WalkLedger(await volume.scan(), self._hits)
+        walked = [
+            EntryInfo(e.key, e.bytes, e.created_at, e.last_hit_at) for e in await volume.scan()
+        ]
+        ledger = WalkLedger(walked, self._hits)
         await self._apply_budgets(ledger, report, lambda: True)
         self.last_walk = ledger.summary()
 
@@ -361,7 +366,7 @@ class Janitor:
                 report.evicted_budget += 1
                 report.bytes_freed += entry.bytes
 
-    async def _evict(self, ledger: Ledger, entry: StoredEntryInfo, reason: str) -> bool:
+    async def _evict(self, ledger: Ledger, entry: EntryInfo, reason: str) -> bool:
         """Remove one entry from memory and the Volume, then from the ledger (the index)."""
         volume = self._cache.volume
         failures = self._cache.errors[volume.name] if volume is not None else 0
@@ -376,7 +381,7 @@ class Janitor:
         return True
 
 
-def _hit_order(entry: StoredEntryInfo) -> tuple[float, float, str, str, str, str]:
+def _hit_order(entry: EntryInfo) -> tuple[float, float, str, str, str, str]:
     key = entry.key
     return (
         entry.last_hit_at,

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.fill import Flights
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import IndexUnavailable
 from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey, valid_id
-from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.tiered import TieredCache
 
 log = logging.getLogger(__name__)

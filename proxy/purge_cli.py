@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Settings
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import index_enabled
 from proxy.purge import PurgeResult, PurgeScope, purge
-from proxy.storage.index import PostgresIndex, index_enabled
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume

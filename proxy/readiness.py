@@ -11,7 +11,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
-from proxy.storage.index import PostgresIndex
+from proxy.index.entries import PostgresIndex
 from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey, valid_id
-from proxy.storage.entry import EntryMeta
-from proxy.storage.index import IndexedEntry, IndexUnavailable, PostgresIndex
+from proxy.storage.entry import EntryInfo, EntryMeta
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_local import SIDECAR_SUFFIX, LocalVolume, StoredEntryInfo
 
@@ -221,13 +222,13 @@ class EntryBrowser:
         ]
 
 
-def _indexed_row(entry: IndexedEntry, in_memory: bool) -> EntryRow:
+def _indexed_row(entry: EntryInfo, in_memory: bool) -> EntryRow:
     return EntryRow(
         entry.key,
         entry.bytes,
         entry.provider,
-        entry.created_at.timestamp(),
-        entry.last_hit_at.timestamp(),
+        entry.created_at,
+        entry.last_hit_at,
         entry.hits,
         in_memory,
     )
