@@ -22,6 +22,9 @@ from proxy.admission import Admission
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
+from proxy.index.entries import PostgresIndex
+from proxy.index.legacy import LegacyMessages
+from proxy.index.pool import Password, index_enabled
 from proxy.janitor import Janitor
 from proxy.metrics import Metrics, ProxyCollector
 from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
@@ -33,7 +36,6 @@ from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry
-from proxy.storage.index import Password, PostgresIndex, index_enabled
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
@@ -50,6 +52,7 @@ FLIGHTS: Final = web.AppKey("flights", Flights)
 UPSTREAM: Final = web.AppKey("upstream", HttpUpstream)
 CACHE: Final = web.AppKey("cache", TieredCache)
 INDEX: Final = web.AppKey("index", PostgresIndex)
+LEGACY: Final = web.AppKey("legacy", LegacyMessages)
 VOLUME: Final = web.AppKey("volume", DurableTier)
 TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
@@ -195,12 +198,13 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         app[VOLUME] = volume
         cleanup = asyncio.create_task(volume.clean_leftovers())
     index = app.get(INDEX)
+    recorder = _recorder(settings, volume, index, app[LEGACY]) if index and volume else None
     app[CACHE] = TieredCache(
         memory,
         volume,
         timeout_seconds=cache_settings.volume.timeout_seconds,
         logger=log,
-        after_volume_write=_recorder(settings, volume, index) if index and volume else None,
+        after_volume_write=recorder,
         write_delay_seconds=WRITE_DELAY_SECONDS,
     )
     yield
@@ -220,6 +224,7 @@ async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
     index = PostgresIndex.from_settings(settings, password=_index_password(settings))
     await index.start()
     app[INDEX] = index
+    app[LEGACY] = LegacyMessages(index.pool, ownership_query=settings.ownership_query)
     yield
     await index.aclose()
 
@@ -233,7 +238,7 @@ def _index_password(settings: IndexSettings) -> Password | None:
 
 
 def _recorder(
-    settings: Settings, volume: DurableTier, index: PostgresIndex
+    settings: Settings, volume: DurableTier, index: PostgresIndex, legacy: LegacyMessages
 ) -> Callable[[CacheKey, Entry], Awaitable[None]]:
     """After a Volume write: the index row, and the legacy metadata where configured."""
 
@@ -241,7 +246,7 @@ def _recorder(
         path = volume.location(key, entry.meta.content_type)
         await index.record(key, entry.meta, path)
         if settings.index.write_legacy_metadata:
-            await index.write_legacy_metadata(key, path, entry.meta.provider, entry.meta.created_at)
+            await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
 
     return record
 
@@ -263,7 +268,7 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     upstream = get_state(app, UPSTREAM)
     ownership = (
-        OwnershipCheck(app.get(INDEX), cache_seconds=settings.index.ownership_cache_seconds)
+        OwnershipCheck(app.get(LEGACY), cache_seconds=settings.index.ownership_cache_seconds)
         if settings.index.verify_ownership
         else None
     )

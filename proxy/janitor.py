@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from proxy.config import CacheSettings
+from proxy.index.entries import PostgresIndex
+from proxy.index.ledger import IndexLedger
+from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
 from proxy.storage.entry import EntryInfo
-from proxy.storage.index import IndexUnavailable, PostgresIndex
-from proxy.storage.index_janitor import IndexLedger
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import DurableTier
 
@@ -184,7 +185,7 @@ class Janitor:
         self._cache = cache
         self._volume = volume
         self._index = index
-        self._ledger = IndexLedger(index) if index is not None else None
+        self._ledger = IndexLedger(index.pool) if index is not None else None
         self._clock = clock
         self._grace = leftover_grace_seconds
         self._batch = settings.janitor_batch_size

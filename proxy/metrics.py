@@ -18,10 +18,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from proxy.admin.history import tally_evictions
+from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor
 from proxy.latency import Latency
 from proxy.stats import CacheStats
-from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 
 PREFIX: Final = "tts_proxy"

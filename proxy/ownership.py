@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
+from proxy.index.legacy import LegacyMessages
+from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
-from proxy.storage.index import IndexUnavailable, PostgresIndex
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +20,13 @@ class OwnershipCheck:
 
     def __init__(
         self,
-        index: PostgresIndex | None,
+        legacy: LegacyMessages | None,
         *,
         cache_seconds: float,
         timer: Callable[[], float] = time.monotonic,
         max_entries: int = 100_000,
     ) -> None:
-        self._index = index
+        self._legacy = legacy
         # Only positive answers are remembered: a message may gain an owner, not change one.
         self._owned: TTLCache[tuple[str, str], bool] | None = (
             TTLCache(maxsize=max_entries, ttl=cache_seconds, timer=timer)
@@ -36,15 +37,15 @@ class OwnershipCheck:
         self.denied = 0
 
     async def allows(self, key: CacheKey) -> bool:
-        """True only when the index says `key.user` owns `key.message_id`."""
+        """True only when the legacy table says `key.user` owns `key.message_id`."""
         pair = (key.user, key.message_id)
         if self._owned is not None and self._owned.get(pair):
             return True
-        if self._index is None:
+        if self._legacy is None:
             self.failures += 1
             return False
         try:
-            owned = await self._index.owns(key.user, key.message_id)
+            owned = await self._legacy.owns(key.user, key.message_id)
         except IndexUnavailable:
             self.failures += 1
             log.debug("ownership of %s unknown: index unavailable", key.digest())

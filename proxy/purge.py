@@ -6,9 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from proxy.fill import Flights
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import IndexUnavailable
 from proxy.ownership import OwnershipCheck
 from proxy.speak import CacheKey
-from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.scope import Scope
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import DurableTier

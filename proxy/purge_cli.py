@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Settings
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import index_enabled
 from proxy.purge import PurgeResult, purge
-from proxy.storage.index import PostgresIndex, index_enabled
 from proxy.storage.scope import Scope
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volumes import build_volume

@@ -9,7 +9,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
-from proxy.storage.index import PostgresIndex
+from proxy.index.entries import PostgresIndex
 from proxy.storage.tiers import DurableTier
 
 CHECK_TIMEOUT_SECONDS: Final = 2.0

@@ -11,12 +11,13 @@ from aiohttp import web
 
 from proxy.admin.auth import refuse
 from proxy.fill import Flights
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import IndexUnavailable
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.purge import purge
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
-from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.scope import BadScope, Scope
 from proxy.storage.tiered import TieredCache
 from proxy.upstreams.http import json_error

@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.index.entries import PostgresIndex
+from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
 from proxy.storage.entry import EntryInfo, EntryMeta
-from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.scope import Scope
 from proxy.storage.tiered import TieredCache
 

@@ -142,7 +142,10 @@ def _key_from(values: Mapping[str, str]) -> CacheKey | None:
 
 def _scope_of(key: CacheKey, depth: str) -> Scope:
     """The purge scope of an entry's user, thread, message or voice (the entry itself)."""
-    parts = [key.user, key.thread_id, key.message_id, key.voice]
     keep = {"user": 1, "thread": 2, "message": 3, "voice": 4}[depth]
-    padded = parts[:keep] + [None] * (4 - keep)
-    return Scope(*padded)
+    return Scope(
+        key.user,
+        key.thread_id if keep > 1 else None,
+        key.message_id if keep > 2 else None,
+        key.voice if keep > 3 else None,
+    )

@@ -15,6 +15,7 @@ from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
+from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id, stamp_request_id
@@ -22,7 +23,6 @@ from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry, EntryMeta
-from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream

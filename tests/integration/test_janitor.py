@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 
 from proxy.config import CacheSettings, VolumeSettings
+from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor, JanitorReport
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
-from proxy.storage.index import PostgresIndex
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_databricks import DatabricksVolume

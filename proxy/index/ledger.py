@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from proxy.index.migrations import entries_table, lock_id
+from proxy.index.pool import IndexPool
 from proxy.speak import CacheKey
-from proxy.storage.index import PostgresIndex, quote_schema
-from proxy.storage.volume_local import StoredEntryInfo
+from proxy.storage.entry import EntryInfo
 
 LOCK_NAMESPACE: Final = "tts-cache-proxy:janitor"
 _COLUMNS: Final = "user_id, thread_id, message_id, voice, bytes, created_at, last_hit_at"
@@ -37,13 +37,12 @@ class Election:
 class IndexLedger:
     """Totals and eviction candidates from the index, rows to re-check, and the janitor lock."""
 
-    def __init__(self, index: PostgresIndex, *, lock_timeout_seconds: float = 5.0) -> None:
-        self.index = index
+    def __init__(self, pool: IndexPool, *, lock_timeout_seconds: float = 5.0) -> None:
+        self.pool = pool
         self.lock_timeout_seconds = lock_timeout_seconds
-        self._table = f"{quote_schema(index.schema)}.tts_cache_entries"
+        self._table = entries_table(pool.schema)
         # Per schema, like the migration lock: proxies on other schemas never wait for this one.
-        digest = hashlib.sha256(f"{LOCK_NAMESPACE}:{index.schema}".encode()).digest()
-        self.lock_id = int.from_bytes(digest[:8], "big", signed=True)
+        self.lock_id = lock_id(LOCK_NAMESPACE, pool.schema)
 
     @contextlib.asynccontextmanager
     async def elected(self) -> AsyncIterator[Election | None]:
@@ -52,9 +51,9 @@ class IndexLedger:
         A session-level `pg_try_advisory_lock` on a connection of its own: it never waits, and a
         replica that dies mid-run releases it with its connection.
         """
-        import asyncpg  # loaded with the index (proxy.storage.index), not before
+        import asyncpg  # loaded with the index (proxy.index.pool), not before
 
-        async with self.index.acquire_lock_connection() as connection:
+        async with self.pool.acquire_lock_connection() as connection:
             won = await connection.fetchval(
                 "SELECT pg_try_advisory_lock($1)", self.lock_id, timeout=self.lock_timeout_seconds
             )
@@ -75,7 +74,7 @@ class IndexLedger:
                             timeout=self.lock_timeout_seconds,
                         )
 
-    async def expired(self, before: float, limit: int) -> list[StoredEntryInfo]:
+    async def expired(self, before: float, limit: int) -> list[EntryInfo]:
         """Rows whose last hit (their creation, when never hit) is older than `before`."""
         sql = (
             f"SELECT {_COLUMNS} FROM {self._table} WHERE last_hit_at < $1"
@@ -87,7 +86,7 @@ class IndexLedger:
     async def total_bytes(self) -> int:
         """The bytes every row records."""
         sql = f"SELECT coalesce(sum(bytes), 0)::bigint FROM {self._table}"
-        total = await self.index.run("janitor_total", lambda con: con.fetchval(sql))
+        total = await self.pool.run("janitor_total", lambda con: con.fetchval(sql))
         return int(total)
 
     async def users_over(self, quota: int, limit: int) -> list[tuple[str, int]]:
@@ -96,20 +95,20 @@ class IndexLedger:
             f"SELECT user_id, sum(bytes)::bigint AS total FROM {self._table}"
             " GROUP BY user_id HAVING sum(bytes) > $1 ORDER BY total DESC, user_id LIMIT $2"
         )
-        rows = await self.index.run("janitor_users", lambda con: con.fetch(sql, quota, limit))
+        rows = await self.pool.run("janitor_users", lambda con: con.fetch(sql, quota, limit))
         return [(str(row[0]), int(row[1])) for row in rows]
 
-    async def oldest_of_user(self, user: str, limit: int) -> list[StoredEntryInfo]:
+    async def oldest_of_user(self, user: str, limit: int) -> list[EntryInfo]:
         """One user's rows, least recently hit first."""
         sql = f"SELECT {_COLUMNS} FROM {self._table} WHERE user_id = $1 ORDER BY {_BY_HIT} LIMIT $2"
         return await self._fetch("janitor_user_oldest", sql, user, limit)
 
-    async def oldest(self, limit: int) -> list[StoredEntryInfo]:
+    async def oldest(self, limit: int) -> list[EntryInfo]:
         """Every replica's rows, least recently hit first."""
         sql = f"SELECT {_COLUMNS} FROM {self._table} ORDER BY {_BY_HIT} LIMIT $1"
         return await self._fetch("janitor_oldest", sql, limit)
 
-    async def rows_after(self, after: CacheKey | None, limit: int) -> list[StoredEntryInfo]:
+    async def rows_after(self, after: CacheKey | None, limit: int) -> list[EntryInfo]:
         """Rows in key order after `after` (from the first when None): one batch to re-check."""
         if after is None:
             sql = f"SELECT {_COLUMNS} FROM {self._table} ORDER BY {_BY_KEY} LIMIT $1"
@@ -121,7 +120,7 @@ class IndexLedger:
         parts = (after.user, after.thread_id, after.message_id, after.voice)
         return await self._fetch("janitor_rows", sql, *parts, limit)
 
-    async def forget(self, entry: StoredEntryInfo) -> bool:
+    async def forget(self, entry: EntryInfo) -> bool:
         """Delete the row of `entry` unless it was re-recorded since; True when it went."""
         sql = (
             f"DELETE FROM {self._table} WHERE user_id = $1 AND thread_id = $2"
@@ -129,16 +128,16 @@ class IndexLedger:
         )
         key = entry.key
         args = (key.user, key.thread_id, key.message_id, key.voice, entry.created_at)
-        status = await self.index.run("janitor_forget", lambda con: con.execute(sql, *args))
+        status = await self.pool.run("janitor_forget", lambda con: con.execute(sql, *args))
         return str(status).rsplit(" ", 1)[-1] not in ("0", "")
 
-    async def _fetch(self, op: str, sql: str, *args: Any) -> list[StoredEntryInfo]:
-        rows = await self.index.run(op, lambda con: con.fetch(sql, *args))
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[EntryInfo]:
+        rows = await self.pool.run(op, lambda con: con.fetch(sql, *args))
         return [_info(row) for row in rows]
 
 
-def _info(row: Any) -> StoredEntryInfo:
-    return StoredEntryInfo(
+def _info(row: Any) -> EntryInfo:
+    return EntryInfo(
         CacheKey(row["user_id"], row["thread_id"], row["message_id"], row["voice"]),
         int(row["bytes"]),
         created_at=row["created_at"].timestamp(),

@@ -1,0 +1,1 @@
+"""The optional PostgreSQL index: pool, schema, entries table, legacy table, janitor ledger."""
