@@ -26,10 +26,10 @@ from typing import Final, Protocol
 
 from proxy.config import CacheSettings
 from proxy.speak import CacheKey
+from proxy.storage.databricks import DatabricksVolume
 from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.index_janitor import IndexLedger
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume, StoredEntryInfo
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,11 @@ class Janitor:
             for key, at in seen.items():
                 if self._hits.get(key) == at:
                     del self._hits[key]
-        ledger = WalkLedger(await volume.scan(), self._hits)
+        walked = [
+            StoredEntryInfo(found.key, found.bytes, found.created_at, found.last_hit_at)
+            for found in await volume.scan()
+        ]
+        ledger = WalkLedger(walked, self._hits)
         await self._apply_budgets(ledger, report, lambda: True)
         self.last_walk = ledger.summary()
 

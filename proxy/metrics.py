@@ -21,9 +21,9 @@ from proxy.admin.history import tally_evictions
 from proxy.janitor import Janitor
 from proxy.latency import Latency
 from proxy.stats import CacheStats
+from proxy.storage.databricks import DatabricksVolume
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_databricks import DatabricksVolume
 
 PREFIX: Final = "tts_proxy"
 # Volume totals come from the index or a walk: refreshed at most this often, not per scrape.

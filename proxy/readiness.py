@@ -11,9 +11,9 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
+from proxy.storage.databricks import DatabricksVolume
 from proxy.storage.index import PostgresIndex
 from proxy.storage.tiers import Tier
-from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 
 CHECK_TIMEOUT_SECONDS: Final = 2.0

@@ -19,15 +19,11 @@ import pytest
 from proxy.config import VolumeSettings
 from proxy.identity import CURRENT_TOKEN
 from proxy.speak import CacheKey
+from proxy.storage.databricks.files_api import VolumeRequestFailed, VolumeUnavailable
+from proxy.storage.databricks.streamed import CorruptEntry, StreamedEntry
+from proxy.storage.databricks.volume import DatabricksVolume
 from proxy.storage.entry import Entry
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_databricks import (
-    CorruptEntry,
-    DatabricksVolume,
-    StreamedEntry,
-    VolumeRequestFailed,
-    VolumeUnavailable,
-)
 from tests.fakes.files_api import FilesApiEmulator
 
 PAT = "dapi-app-token"
@@ -702,7 +698,7 @@ async def test_list_entries_and_delete_prefix_walk_paged_listings(
     assert await listed("alice") == set(keys[:4])
     assert await listed("alice", "t1", "m1") == set(keys[:2])
     first = [item async for item in volume.list_entries("bob")]
-    assert first[0].last_modified is not None and first[0].last_modified > 0
+    assert first[0].created_at is not None and first[0].created_at > 0
 
     assert await volume.delete_prefix("alice", "t1") == 3
     assert await listed("alice") == {keys[3]}
