@@ -33,6 +33,14 @@ class VolumePaths:
         """A user's, a thread's or a message's folder; ValueError when an id is invalid."""
         return "/".join([self.base, *prefix_parts(user, thread_id, message_id)])
 
+    def under(self, user: str | None, thread_id: str | None, message_id: str | None) -> str:
+        """The base when `user` is None, else `target`; ValueError for ids without a user."""
+        if user is not None:
+            return self.target(user, thread_id, message_id)
+        if thread_id is not None or message_id is not None:
+            raise ValueError("thread_id and message_id need user")
+        return self.base
+
     def ids_of(self, folder: str) -> tuple[str, str, str] | None:
         """(user, thread, message) when `folder` is a message folder, else None."""
         if not folder.startswith(self.base + "/"):

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from databricks.sdk.config import Config
 
 _LOCK_STRIPES = 64
-# (whether a sidecar is there, its metadata and object name when it is valid for the key)
 _Sidecar = tuple[bool, tuple[EntryMeta, str] | None]
 
 T = TypeVar("T")
@@ -75,8 +74,6 @@ class DatabricksVolume:
         chunk_size: int = READ_CHUNK_BYTES,
     ) -> None:
         self.paths = VolumePaths.of(settings.path, settings.prefix)
-        self.root = self.paths.root
-        self.base = self.paths.base
         self.auth: Literal["app", "user"] = settings.auth
         self.timeout_seconds = settings.timeout_seconds
         self.breaker = CircuitBreaker(
@@ -188,20 +185,14 @@ class DatabricksVolume:
         message_id: str | None = None,
     ) -> AsyncIterator[EntryInfo]:
         """Every entry (one per sidecar) under the base, a user, a thread or a message."""
-        target = self.paths.target(user, thread_id, message_id) if user is not None else self.base
-        if user is None and (thread_id is not None or message_id is not None):
-            raise ValueError("thread_id and message_id need user")
+        target = self.paths.under(user, thread_id, message_id)
         if self._skipped(None):
             return
         async for entry in self._walks.entries(target, need_object=False):
             yield entry
 
     async def scan(self) -> list[EntryInfo]:
-        """Every entry with an object, walking every folder.
-
-        The Files API keeps no access times, so last hit = created = the sidecar's last write.
-        One listing per folder: with many entries, prefer an index to budget from.
-        """
+        """Every entry with an object; one listing per folder (with many, budget from an index)."""
         if self._skipped(None):
             raise VolumeUnavailable("no credentials to walk the Volume with")
         return await self._walks.scan()
@@ -224,10 +215,7 @@ class DatabricksVolume:
         return 0
 
     async def clean_orphans(self, *, limit: int, older_than: float) -> int:
-        """Remove up to `limit` crash leftovers last written before `older_than`; return how many.
-
-        The walk lists at most `limit` folders per call and resumes there on the next one.
-        """
+        """Remove up to `limit` leftovers older than `older_than`, the walk resuming each call."""
         if self._skipped(None):
             raise VolumeUnavailable("no credentials to walk the Volume with")
         return await self._walks.clean_orphans(limit=limit, older_than=older_than)
@@ -239,7 +227,7 @@ class DatabricksVolume:
             return self.breaker.state != "open"
         try:
             reply = await self._guarded(
-                "-", lambda call: self._api.exchange(call, "HEAD", DIRECTORIES_API, self.root)
+                "-", lambda call: self._api.exchange(call, "HEAD", DIRECTORIES_API, self.paths.root)
             )
         except (VolumeUnavailable, VolumeRequestFailed):
             return False
