@@ -156,6 +156,47 @@ async def test_range_on_a_stored_object(
         assert await response.read() == entry.body[1000:2000]
 
 
+async def test_read_meta_reads_the_sidecar_alone_and_removes_nothing(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()
+    assert await volume.read_meta(KEY) is None
+    entry = entry_for(audio())
+    await volume.put(KEY, entry)
+    emulator.corrupt(OBJECT)
+    sidecar_reads, reads = emulator.count("GET", "files", ".json"), emulator.count("GET", "files")
+
+    # The sidecar alone: the corrupt object is neither read nor removed.
+    assert await volume.read_meta(KEY) == entry.meta
+    assert emulator.count("GET", "files", ".json") == sidecar_reads + 1
+    assert emulator.count("GET", "files") == reads + 1
+    assert emulator.read(OBJECT) is not None
+    # A malformed sidecar is None, and kept for a reader that removes it.
+    emulator.write(SIDECAR, b"{not json")
+    assert await volume.read_meta(KEY) is None
+    assert emulator.read(SIDECAR) == b"{not json"
+    assert emulator.read(OBJECT) is not None
+
+
+async def test_the_durable_tier_surface(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()
+    user = make_volume(settings={"auth": "user"})
+    assert volume.kind == "databricks"
+    assert (volume.walkable, user.walkable) == (True, False)
+    assert volume.describe() == "Databricks, breaker closed"
+    await volume.put(KEY, entry_for(audio()))
+    calls = len(emulator.requests)
+    # The Files API keeps no access times and uploads leave no temporary files.
+    assert volume.get_nowait(KEY) is None
+    assert await volume.record_hits({KEY: time.time()}) == 0
+    assert await volume.clean_leftovers() == 0
+    # Without a user's token nothing is asked: a metadata read is a miss.
+    assert await user.read_meta(KEY) is None
+    assert len(emulator.requests) == calls
+
+
 # Integrity
 
 
