@@ -325,8 +325,8 @@ def nginx_binary() -> str | None:
 
 def seed_style_missing() -> str | None:
     """Why the seed-style peer cannot run with this code base, or None when it can."""
-    if importlib.util.find_spec("proxy.storage.volume_databricks") is None:
-        return "proxy.storage.volume_databricks does not exist yet"
+    if importlib.util.find_spec("proxy.storage.databricks") is None:
+        return "proxy.storage.databricks does not exist yet"
     if importlib.util.find_spec("tests.fakes.files_api") is None:
         return "tests/fakes/files_api.py does not exist yet"
     try:

@@ -13,7 +13,7 @@ def build_volume(settings: VolumeSettings) -> DurableTier | None:
 
         return LocalVolume(settings.path, settings.prefix)
     if settings.kind == "databricks":
-        from proxy.storage.volume_databricks import DatabricksVolume
+        from proxy.storage.databricks import DatabricksVolume
 
         return DatabricksVolume(settings)
     return None

@@ -19,10 +19,10 @@ from proxy.config import CacheSettings, VolumeSettings
 from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor, JanitorReport
 from proxy.speak import CacheKey
+from proxy.storage.databricks import DatabricksVolume
 from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_databricks import DatabricksVolume
 from proxy.storage.volume_local import LocalVolume
 from tests.fakes.files_api import FilesApiEmulator
 

@@ -1,0 +1,145 @@
+"""The Files API client on the emulator: retries, Retry-After, deadlines, bodies cut short."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from proxy.storage.databricks.files_api import VolumeRequestFailed, VolumeUnavailable
+from proxy.storage.tiered import TieredCache
+from tests.databricks_volume_support import (
+    KEY,
+    OBJECT,
+    SIDECAR,
+    MakeVolume,
+    audio,
+    collect,
+    entry_for,
+)
+from tests.fakes.files_api import FilesApiEmulator
+
+# Faults
+
+
+async def test_500s_then_success_are_retried(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()
+    entry = entry_for(audio())
+    emulator.fail_next(2, status=500, method="PUT")
+    await volume.put(KEY, entry)
+    assert emulator.count("PUT", "files", ".mp3") == 3
+
+    emulator.fail_next(2, status=503, path_suffix=".mp3")
+    assert await volume.get(KEY) == entry
+    assert volume.breaker_state == "closed"
+
+
+async def test_retries_run_out(emulator: FilesApiEmulator, make_volume: MakeVolume) -> None:
+    volume = make_volume(settings={"retries": 1})
+    emulator.fail_next(10, status=502)
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)
+    assert emulator.count("GET", "files") == 2
+
+
+async def test_a_client_error_is_not_retried(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()
+    emulator.fail_next(1, status=400)
+    with pytest.raises(VolumeRequestFailed) as raised:
+        await volume.get(KEY)
+    assert raised.value.status == 400
+    assert emulator.count("GET", "files") == 1
+
+
+async def test_429_retry_after_is_honoured(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()
+    entry = entry_for(audio())
+    await volume.put(KEY, entry)
+    emulator.throttle_next(1, retry_after=1, path_suffix=".json")
+    started = time.monotonic()
+    assert await volume.get(KEY) == entry
+    assert time.monotonic() - started >= 1.0
+    assert emulator.count("GET", "files", ".json") == 2
+
+
+async def test_a_retry_after_past_the_budget_is_not_waited_for(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"timeout_seconds": 2.0})
+    emulator.throttle_next(1, retry_after=30)
+    started = time.monotonic()
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)
+    assert time.monotonic() - started < 1.0
+    assert emulator.count("GET", "files") == 1
+
+
+async def test_a_body_cut_short_is_retried_or_missed_never_served(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    entry = entry_for(audio())
+    volume = make_volume()
+    await volume.put(KEY, entry)
+
+    # One cut: the retry reads the whole object.
+    emulator.cut_next(1, path_suffix=".mp3")
+    assert await volume.get(KEY) == entry
+
+    # Cut every time: a miss for the user, and the stored entry is left alone.
+    no_retries = make_volume(settings={"retries": 0})
+    emulator.cut_next(1, path_suffix=".mp3")
+    cache = TieredCache(None, no_retries, timeout_seconds=5.0, logger=logging.getLogger("test"))
+    assert await cache.get(KEY) is None
+    assert cache.errors["volume"] == 1
+    assert emulator.read(OBJECT) == entry.body
+    assert await cache.get(KEY) is not None
+
+    # Streamed: the cut surfaces as an unavailable Volume, not as corruption.
+    streamed = await volume.open(KEY)
+    assert streamed is not None
+    emulator.cut_next(1, path_suffix=".mp3")
+    streamed_again = await volume.open(KEY)
+    assert streamed_again is not None
+    with pytest.raises(VolumeUnavailable):
+        await collect(streamed_again)
+    assert await collect(streamed) == entry.body
+    assert emulator.read(SIDECAR) is not None
+
+
+async def test_a_hang_raises_within_the_timeout(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"timeout_seconds": 0.5})
+    emulator.hang_next(1)
+    started = time.monotonic()
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)
+    assert time.monotonic() - started < 0.5 + 0.3
+
+    emulator.hang_next(1, method="PUT")
+    cache = TieredCache(None, volume, timeout_seconds=5.0, logger=logging.getLogger("test"))
+    started = time.monotonic()
+    cache.put(KEY, entry_for(audio()))
+    await cache.drain()
+    assert time.monotonic() - started < 0.5 + 0.3
+    assert cache.errors["volume"] == 1
+
+
+async def test_added_latency_stays_within_budget(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"timeout_seconds": 1.0})
+    entry = entry_for(audio())
+    await volume.put(KEY, entry)
+    emulator.latency = 0.1
+    assert await volume.get(KEY) == entry
+    emulator.latency = 0.6  # two calls per get: the second runs out of budget
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)
