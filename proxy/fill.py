@@ -43,6 +43,7 @@ class Fill:
         self.status = 0
         self.reason: str | None = None
         self.headers: CIMultiDictProxy[str] | CIMultiDict[str] = CIMultiDict()
+        self.upstream_seconds: float | None = None
         self.error: UpstreamError | None = None
         self.storable = False
         self.store_allowed = True
@@ -102,9 +103,9 @@ class Fill:
                 response.reason,
                 response.headers,
             )
+            self.upstream_seconds = response.upstream_seconds
             self.storable = self._storable_head()
-            take_buffered = getattr(response, "read_buffered", None)
-            first = take_buffered() if take_buffered is not None else b""
+            first = response.read_buffered()
             if len(self._readers) <= 1:
                 # What came with the head is the first chunk: the one client gets it without
                 # waiting for the body task to start.
@@ -116,6 +117,7 @@ class Fill:
                 self._held = first
         except UpstreamError as exc:
             self.error = exc
+            self.upstream_seconds = exc.upstream_seconds
         except asyncio.CancelledError:
             self.error = UpstreamError(502, "upstream call cancelled")
             self._end(response, on_end)

@@ -17,7 +17,13 @@ from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id, stamp_request_id
+from proxy.request_context import (
+    REQUEST_ID_HEADER,
+    UPSTREAM_SECONDS,
+    client_or_new_id,
+    request_id,
+    stamp_request_id,
+)
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
@@ -26,7 +32,14 @@ from proxy.storage.index import PostgresIndex
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
-from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end, json_error
+from proxy.upstreams.http import (
+    VIA,
+    HttpUpstream,
+    abort_connection,
+    end_to_end,
+    json_error,
+    outgoing_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +176,16 @@ class TtsCache:
         # 8. one fill per key
         collapsed = fill is not None
         if fill is None:
+            # The upstream gets plain values: the request itself stays here, at the edge.
+            headers = outgoing_headers(request, self.identity.forwardable_headers(request))
+            headers.popall(hdrs.CONTENT_LENGTH, None)  # the upstream frames the body it sends
             call = SpeakCall(
-                request=request,
+                raw_path=request.raw_path,
+                headers=headers,
+                request_id=request_id(request),
                 body=self._upstream_body(body, document),
                 speak=speak,
                 identity=identity,
-                headers=self.identity.forwardable_headers(request),
             )
             fill = Fill(
                 key,
@@ -344,6 +361,9 @@ async def stream_fill(
     """Send one client the fill's response through its reader, chunk by chunk, from the first."""
     try:
         await fill.wait_ready()
+        if not collapsed and fill.upstream_seconds is not None:
+            # For the access log: the upstream was waited for by the fill's first request only.
+            request[UPSTREAM_SECONDS] = fill.upstream_seconds
         status = f"{CACHE_STATUS}; fwd=uri-miss"
         if collapsed:
             status += "; collapsed"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from multidict import CIMultiDict
 
@@ -27,9 +26,13 @@ class SlowAudio:
         self.reason = "OK"
         total = str(sum(len(c) for c in chunks))
         self.headers = CIMultiDict({"Content-Type": "audio/mpeg", "Content-Length": total})
+        self.upstream_seconds: float | None = None
 
     async def open(self, call: SpeakCall) -> SlowAudio:
         return self
+
+    def read_buffered(self) -> bytes:
+        return b""
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
@@ -41,7 +44,14 @@ class SlowAudio:
 
 
 def call() -> SpeakCall:
-    return SpeakCall(request=Any, body=b"{}", speak=SPEAK, identity=None, headers=CIMultiDict())  # type: ignore[arg-type]
+    return SpeakCall(
+        raw_path="/api/tts/speak",
+        headers=CIMultiDict(),
+        request_id="r-1",
+        body=b"{}",
+        speak=SPEAK,
+        identity=None,
+    )
 
 
 async def read_all(fill: Fill) -> bytes:
