@@ -190,14 +190,11 @@ class TtsCache:
             fill = Fill(
                 key,
                 call,
+                text_sha256=text_sha,
                 max_entry_bytes=self.settings.cache.max_entry_bytes,
                 on_commit=self._commit,
+                store_allowed=self._may_store(key, text_sha),
             )
-            if self.admission is not None and not self.admission.count_use(key, text_sha):
-                fill.store_allowed = False
-            elif self.disk_guard is not None and not self.disk_guard.admitting():
-                fill.store_allowed = False  # low disk: serve, do not fill it further
-                self.stats.errors["disk_full"] += 1
             self.stats.misses += 1
             self.stats.upstream_calls += 1
             log.debug("miss %s: fill started", key.digest())
@@ -291,6 +288,15 @@ class TtsCache:
         # Nothing went upstream, so no one else needs this id: a new one, not kept on the request.
         response.headers.add(REQUEST_ID_HEADER, client_or_new_id(request))
         return response
+
+    def _may_store(self, key: CacheKey, text_sha: str) -> bool:
+        """Whether a new fill may be stored: admitted (which counts a use), and disk to spare."""
+        if self.admission is not None and not self.admission.count_use(key, text_sha):
+            return False
+        if self.disk_guard is not None and not self.disk_guard.admitting():
+            self.stats.errors["disk_full"] += 1  # low disk: serve, do not fill it further
+            return False
+        return True
 
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
         if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
