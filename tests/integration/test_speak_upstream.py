@@ -1,5 +1,5 @@
-"""A speak miss whose body runs to the connection's close (RFC 9112 6.3): a close ends it whole,
-a reset cuts it, and what a reset cut is never stored."""
+"""Speak misses against raw socket backends: a body that runs to the connection's close (RFC 9112
+6.3) is whole after a close and cut by a reset, never stored then; a connect timeout is a 502."""
 
 from __future__ import annotations
 
@@ -133,3 +133,30 @@ async def test_a_body_ended_by_a_close_is_complete(
         assert response.headers["X-TTS-Cache"] == "hit"
         assert await response.read() == PART + REST
     assert backend.calls == 1
+
+
+async def test_a_backend_that_cannot_be_connected_to_in_time_is_a_502(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    # A listening socket whose accept queue is full: the kernel drops further SYNs unanswered.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    waiting = [socket.socket() for _ in range(3)]
+    try:
+        for sock in waiting:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        settings = settings_for(
+            tmp_path, f"http://127.0.0.1:{port}", **{"upstream.connect_timeout_seconds": 0.3}
+        )
+        proxy: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        async with proxy.post(SPEAK, json=speak_body(), headers=ALICE) as response:
+            assert response.status == 502  # the backend never got the request: not a 504
+            assert response.headers["X-TTS-Cache"] == "miss"
+            assert await response.json() == {
+                "detail": "upstream unavailable (ConnectionTimeoutError)"
+            }
+    finally:
+        for sock in [*waiting, listener]:
+            sock.close()
