@@ -1,6 +1,6 @@
 # TTS cache proxy: `docker build -t tts-cache-proxy .`
 # Add `--build-arg WITH_ESPEAK=true` for real speech from `tts-cache-proxy demo`.
-FROM python:3.11-slim
+FROM python:3.12-slim
 
 ARG WITH_ESPEAK=false
 

@@ -173,14 +173,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     session = client_session(settings.upstream)
-    upstream = app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
+    app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
     chain = build_synthesizer(settings, session)
     if chain is not None:
         app[SYNTHESIZER] = chain
     yield
     if chain is not None:
         await chain.aclose()
-    await upstream.aclose()
     await session.close()
 
 

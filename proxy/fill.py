@@ -35,17 +35,21 @@ class Fill:
         key: CacheKey,
         call: SpeakCall,
         *,
+        text_sha256: str,
         max_entry_bytes: int,
         on_commit: Callable[[CacheKey, Entry], None],
+        store_allowed: bool = True,
     ) -> None:
         self.key = key
         self.call = call
+        self.text_sha256 = text_sha256
         self.status = 0
         self.reason: str | None = None
         self.headers: CIMultiDictProxy[str] | CIMultiDict[str] = CIMultiDict()
+        self.upstream_seconds: float | None = None
         self.error: UpstreamError | None = None
         self.storable = False
-        self.store_allowed = True
+        self._store_allowed = store_allowed
         self.joinable = True
         self.stored = False
         self.done = False
@@ -78,6 +82,15 @@ class Fill:
         if response is not None:
             self.task = asyncio.create_task(self._body(response, on_end))
 
+    @property
+    def store_allowed(self) -> bool:
+        """False when the fill was created not to be stored, or a purge forbade it since."""
+        return self._store_allowed
+
+    def forbid_store(self) -> None:
+        """Never store this fill's response (a purge covers its key); it is still served."""
+        self._store_allowed = False
+
     def reader(self) -> FillReader:
         """A new reader from the first byte; only valid while the fill is joinable."""
         if not self.joinable:
@@ -102,9 +115,9 @@ class Fill:
                 response.reason,
                 response.headers,
             )
+            self.upstream_seconds = response.upstream_seconds
             self.storable = self._storable_head()
-            take_buffered = getattr(response, "read_buffered", None)
-            first = take_buffered() if take_buffered is not None else b""
+            first = response.read_buffered()
             if len(self._readers) <= 1:
                 # What came with the head is the first chunk: the one client gets it without
                 # waiting for the body task to start.
@@ -116,6 +129,7 @@ class Fill:
                 self._held = first
         except UpstreamError as exc:
             self.error = exc
+            self.upstream_seconds = exc.upstream_seconds
         except asyncio.CancelledError:
             self.error = UpstreamError(502, "upstream call cancelled")
             self._end(response, on_end)
@@ -200,7 +214,7 @@ class Fill:
         return not (wanted is not None and used != wanted)
 
     def _commit(self) -> None:
-        if not self.store_allowed:
+        if not self._store_allowed:
             return
         body = b"".join(self._chunks)
         headers = tuple((k, v) for k, v in self.headers.items() if stored_header(k))
@@ -208,7 +222,7 @@ class Fill:
         entry = Entry.build(
             body,
             content_type=self.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream"),
-            text_sha256=self.call.speak.text_sha256(),
+            text_sha256=self.text_sha256,
             provider=provider.lower() if provider else None,
             headers=headers,
         )
@@ -317,7 +331,7 @@ class Flights:
         """Forbid storing any in-flight fill whose key matches; returns how many."""
         hit = [f for f in self._all if predicate(f.key)]
         for fill in hit:
-            fill.store_allowed = False
+            fill.forbid_store()
         return len(hit)
 
     def __len__(self) -> int:

@@ -18,7 +18,13 @@ from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.request_context import REQUEST_ID_HEADER, client_or_new_id, stamp_request_id
+from proxy.request_context import (
+    REQUEST_ID_HEADER,
+    UPSTREAM_SECONDS,
+    client_or_new_id,
+    request_id,
+    stamp_request_id,
+)
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
@@ -26,7 +32,14 @@ from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
-from proxy.upstreams.http import VIA, HttpUpstream, abort_connection, end_to_end, json_error
+from proxy.upstreams.http import (
+    VIA,
+    HttpUpstream,
+    abort_connection,
+    end_to_end,
+    json_error,
+    outgoing_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,24 +176,25 @@ class TtsCache:
         # 8. one fill per key
         collapsed = fill is not None
         if fill is None:
+            # The upstream gets plain values: the request itself stays here, at the edge.
+            headers = outgoing_headers(request, self.identity.forwardable_headers(request))
+            headers.popall(hdrs.CONTENT_LENGTH, None)  # the upstream frames the body it sends
             call = SpeakCall(
-                request=request,
+                raw_path=request.raw_path,
+                headers=headers,
+                request_id=request_id(request),
                 body=self._upstream_body(body, document),
                 speak=speak,
                 identity=identity,
-                headers=self.identity.forwardable_headers(request),
             )
             fill = Fill(
                 key,
                 call,
+                text_sha256=text_sha,
                 max_entry_bytes=self.settings.cache.max_entry_bytes,
                 on_commit=self._commit,
+                store_allowed=self._may_store(key, text_sha),
             )
-            if self.admission is not None and not self.admission.count_use(key, text_sha):
-                fill.store_allowed = False
-            elif self.disk_guard is not None and not self.disk_guard.admitting():
-                fill.store_allowed = False  # low disk: serve, do not fill it further
-                self.stats.errors["disk_full"] += 1
             self.stats.misses += 1
             self.stats.upstream_calls += 1
             log.debug("miss %s: fill started", key.digest())
@@ -275,6 +289,15 @@ class TtsCache:
         response.headers.add(REQUEST_ID_HEADER, client_or_new_id(request))
         return response
 
+    def _may_store(self, key: CacheKey, text_sha: str) -> bool:
+        """Whether a new fill may be stored: admitted (which counts a use), and disk to spare."""
+        if self.admission is not None and not self.admission.count_use(key, text_sha):
+            return False
+        if self.disk_guard is not None and not self.disk_guard.admitting():
+            self.stats.errors["disk_full"] += 1  # low disk: serve, do not fill it further
+            return False
+        return True
+
     def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
         if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
             return body
@@ -344,6 +367,9 @@ async def stream_fill(
     """Send one client the fill's response through its reader, chunk by chunk, from the first."""
     try:
         await fill.wait_ready()
+        if not collapsed and fill.upstream_seconds is not None:
+            # For the access log: the upstream was waited for by the fill's first request only.
+            request[UPSTREAM_SECONDS] = fill.upstream_seconds
         status = f"{CACHE_STATUS}; fwd=uri-miss"
         if collapsed:
             status += "; collapsed"

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.identity import Identity
@@ -14,23 +13,31 @@ from proxy.speak import SpeakRequest
 
 
 class UpstreamError(Exception):
-    """The upstream could not answer: `status` is what the client gets (502 or 504)."""
+    """The upstream could not answer: `status` is what the client gets (502 or 504).
 
-    def __init__(self, status: int, detail: str) -> None:
+    `upstream_seconds` is how long the upstream was waited for, when that was timed.
+    """
+
+    def __init__(self, status: int, detail: str, *, upstream_seconds: float | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.upstream_seconds = upstream_seconds
 
 
 @dataclass(frozen=True, slots=True)
 class SpeakCall:
-    """One speak miss to synthesize: the client's request, the body to send, what it asks."""
+    """One speak miss to synthesize, as plain values taken from the client's request."""
 
-    request: web.Request
+    raw_path: str
+    """The path and query to ask the upstream for, as the client sent them."""
+    headers: CIMultiDict[str] | CIMultiDictProxy[str]
+    """The request headers to forward, X-Forwarded-*, Via and X-Request-Id included; no framing
+    headers (the upstream frames `body` itself)."""
+    request_id: str
     body: bytes
     speak: SpeakRequest
     identity: Identity | None
-    headers: CIMultiDict[str] | CIMultiDictProxy[str]
 
 
 class UpstreamResponse(Protocol):
@@ -49,6 +56,16 @@ class UpstreamResponse(Protocol):
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
         """The response headers, repeated ones included."""
+        ...
+
+    @property
+    def upstream_seconds(self) -> float | None:
+        """Time from sending the request to the response's head, when the upstream timed it."""
+        ...
+
+    def read_buffered(self) -> bytes:
+        """The body bytes that arrived with the head, without waiting (may be empty); they are
+        not yielded again by iter_chunks."""
         ...
 
     def iter_chunks(self) -> AsyncIterator[bytes]:

@@ -22,7 +22,7 @@ from proxy.request_context import (
 )
 from proxy.stats import CacheStats
 from proxy.upstreams.base import SpeakCall, UpstreamError
-from proxy.upstreams.h1 import H1Pool, H1Response
+from proxy.upstreams.client_stream import ClientStream, as_upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,23 @@ def end_to_end(headers: Headers) -> CIMultiDict[str]:
     return out
 
 
+def outgoing_headers(request: web.BaseRequest, headers: Headers) -> CIMultiDict[str]:
+    """What the backend is sent for `request`: its end-to-end headers, X-Forwarded-*, Via (RFC
+    9110 7.6.3) and X-Request-Id."""
+    out = end_to_end(headers)
+    out.popall(hdrs.HOST, None)
+    peer = request.remote or ""
+    previous = ", ".join(out.getall("X-Forwarded-For", []))
+    out.popall("X-Forwarded-For", None)
+    out["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+    out.setdefault("X-Forwarded-Proto", request.scheme)
+    if request.host:
+        out.setdefault("X-Forwarded-Host", request.host)
+    out.add(hdrs.VIA, VIA)
+    out[REQUEST_ID_HEADER] = request_id(request)
+    return out
+
+
 def json_error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
     """An error in the shape the legacy Flutter client reads: {"detail": "..."}."""
     return web.json_response({"detail": detail}, status=status, headers=headers)
@@ -83,7 +100,14 @@ def client_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
         sock_connect=settings.connect_timeout_seconds,
         sock_read=settings.timeout_seconds,
     )
-    connector = aiohttp.TCPConnector(limit=settings.max_connections, enable_cleanup_closed=True)
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        enable_cleanup_closed=True,
+        # Idle connections are reused only while the backend surely keeps them (uvicorn closes
+        # them after 5 s idle): a POST written as the server closes one is lost, as a client
+        # retries only idempotent requests on a stale connection (RFC 9112 9.3.1).
+        keepalive_timeout=4.0,
+    )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
@@ -109,32 +133,10 @@ class HttpUpstream:
         self._base_path = self._base.raw_path.rstrip("/")
         self._session = session
         self._stats = stats
-        # Speak misses go through a lean client (see proxy/upstreams/h1.py); the rest, aiohttp.
-        self._speak_client = H1Pool(
-            self._base.origin(),
-            limit=settings.max_connections,
-            connect_timeout=settings.connect_timeout_seconds,
-            read_timeout=settings.timeout_seconds,
-        )
 
     def url_for(self, raw_path: str) -> URL:
         """The upstream URL for a client's raw path and query, unchanged."""
         return URL(str(self._base.origin()) + self._base_path + raw_path, encoded=True)
-
-    def outgoing_headers(self, request: web.BaseRequest, headers: Headers) -> CIMultiDict[str]:
-        """End-to-end request headers plus X-Forwarded-* and Via."""
-        out = end_to_end(headers)
-        out.popall(hdrs.HOST, None)
-        peer = request.remote or ""
-        previous = ", ".join(out.getall("X-Forwarded-For", []))
-        out.popall("X-Forwarded-For", None)
-        out["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        out.setdefault("X-Forwarded-Proto", request.scheme)
-        if request.host:
-            out.setdefault("X-Forwarded-Host", request.host)
-        out.add(hdrs.VIA, VIA)
-        out[REQUEST_ID_HEADER] = request_id(request)
-        return out
 
     async def forward(
         self,
@@ -147,7 +149,7 @@ class HttpUpstream:
         """Pass `request` upstream and its response back, streamed both ways."""
         if body is None and _is_websocket(request):
             return await self._forward_websocket(request, headers)
-        outgoing = self.outgoing_headers(request, headers)
+        outgoing = outgoing_headers(request, headers)
         data: bytes | AsyncIterator[bytes] | None
         if body is not None:
             data = body
@@ -166,47 +168,46 @@ class HttpUpstream:
                 allow_redirects=False,
             )
         except Exception as exc:
-            self._timed(request, started, failed=True)
+            request[UPSTREAM_SECONDS] = self._timed(started, failed=True)
             error = as_upstream_error(exc)
             return json_error(error.status, error.detail, headers=extra_headers)
-        self._timed(request, started, failed=upstream.status >= 500)
+        request[UPSTREAM_SECONDS] = self._timed(started, failed=upstream.status >= 500)
         try:
             return await relay(request, upstream, extra_headers)
         finally:
             upstream.release()
 
-    async def open(self, call: SpeakCall) -> H1Response:
+    async def open(self, call: SpeakCall) -> ClientStream:
         """POST a speak miss to the backend and return its streamed response."""
-        outgoing = self.outgoing_headers(call.request, call.headers)
         started = time.monotonic()
         try:
-            response = await self._speak_client.request(
-                "POST", self._base_path + call.request.raw_path, outgoing.items(), call.body
+            response = await self._session.post(
+                self.url_for(call.raw_path),
+                headers=call.headers,
+                data=call.body,
+                allow_redirects=False,
             )
         except Exception as exc:
-            self._timed(call.request, started, failed=True)
-            raise as_upstream_error(exc) from exc
-        self._timed(call.request, started, failed=response.status >= 500)
-        return response
+            seconds = self._timed(started, failed=True)
+            error = as_upstream_error(exc)
+            raise UpstreamError(error.status, error.detail, upstream_seconds=seconds) from exc
+        seconds = self._timed(started, failed=response.status >= 500)
+        return ClientStream(response, upstream_seconds=seconds)
 
-    async def aclose(self) -> None:
-        """Close the speak client's connections (the session is its owner's to close)."""
-        await self._speak_client.aclose()
-
-    def _timed(self, request: web.BaseRequest, started: float, *, failed: bool) -> None:
-        """Time to the upstream's headers: on the request (access log) and in the stats."""
+    def _timed(self, started: float, *, failed: bool) -> float:
+        """Time to the upstream's headers, counted in the stats and returned."""
         seconds = time.monotonic() - started
-        request[UPSTREAM_SECONDS] = seconds
         stats = self._stats
         if stats is not None:
             stats.upstream_seconds.observe(seconds)
             if failed:
                 stats.errors["upstream"] += 1
+        return seconds
 
     async def _forward_websocket(
         self, request: web.Request, headers: Headers
     ) -> web.StreamResponse:
-        outgoing = self.outgoing_headers(request, headers)
+        outgoing = outgoing_headers(request, headers)
         for name in list(outgoing):
             if name.lower() in WS_HANDSHAKE:
                 outgoing.popall(name, None)
@@ -240,18 +241,6 @@ class HttpUpstream:
         async with upstream_ws:
             await _pump_websockets(client_ws, upstream_ws)
         return client_ws
-
-
-def as_upstream_error(exc: BaseException) -> UpstreamError:
-    """Map a client-side exception to the answer the client should get."""
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError(502, "upstream unavailable (ConnectionTimeoutError)")
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamError(504, "upstream timed out")
-    reason = type(exc).__name__
-    return UpstreamError(502, f"upstream unavailable ({reason})")
 
 
 async def relay(

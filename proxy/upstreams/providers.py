@@ -126,11 +126,16 @@ class ProviderResponse:
         self.status = 200
         self.reason: str | None = "OK"
         self.headers = headers
+        self.upstream_seconds: float | None = None  # not timed: the access log shows none
         self._provider = provider
         self._chunks = chunks
         self._aclose = aclose
         self._secrets = tuple(secrets)
         self._closed = False
+
+    def read_buffered(self) -> bytes:
+        """Nothing: a provider's audio all comes through iter_chunks."""
+        return b""
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The audio as it arrives; raises ProviderError when the stream breaks."""
@@ -285,9 +290,14 @@ class PrimedResponse:
         self.status = inner.status
         self.reason = inner.reason
         self.headers: CIMultiDict[str] = CIMultiDict(inner.headers)
+        self.upstream_seconds = inner.upstream_seconds
         self._inner = inner
         self._first = first
         self._rest = rest
+
+    def read_buffered(self) -> bytes:
+        """Nothing: the first chunk, read already, comes first from iter_chunks."""
+        return b""
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The first chunk, then the rest as it arrives."""

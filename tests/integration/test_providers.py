@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from proxy.config import ConfigError, Settings, UpstreamSettings, load_settings
@@ -100,11 +99,12 @@ def speak_call(
         save_to_volume=True,
     )
     return SpeakCall(
-        request=make_mocked_request("POST", "/api/tts/speak"),
+        raw_path="/api/tts/speak",
+        headers=CIMultiDict(),
+        request_id="r-1",
         body=json.dumps({"text": text, "voice": voice}).encode(),
         speak=speak,
         identity=None,
-        headers=CIMultiDict(),
     )
 
 

@@ -15,7 +15,7 @@ def instructions(name: str) -> list[str]:
 
 
 def test_slim_base_non_root_user_and_health_check() -> None:
-    assert instructions("FROM") == ["python:3.11-slim"]
+    assert instructions("FROM") == ["python:3.12-slim"]
     assert instructions("USER") == ["proxy"]
     (check,) = instructions("HEALTHCHECK")
     assert "/_proxy/health" in check and "8080" in check

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from multidict import CIMultiDict
 
@@ -27,9 +26,13 @@ class SlowAudio:
         self.reason = "OK"
         total = str(sum(len(c) for c in chunks))
         self.headers = CIMultiDict({"Content-Type": "audio/mpeg", "Content-Length": total})
+        self.upstream_seconds: float | None = None
 
     async def open(self, call: SpeakCall) -> SlowAudio:
         return self
+
+    def read_buffered(self) -> bytes:
+        return b""
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
@@ -41,7 +44,14 @@ class SlowAudio:
 
 
 def call() -> SpeakCall:
-    return SpeakCall(request=Any, body=b"{}", speak=SPEAK, identity=None, headers=CIMultiDict())  # type: ignore[arg-type]
+    return SpeakCall(
+        raw_path="/api/tts/speak",
+        headers=CIMultiDict(),
+        request_id="r-1",
+        body=b"{}",
+        speak=SPEAK,
+        identity=None,
+    )
 
 
 async def read_all(fill: Fill) -> bytes:
@@ -56,7 +66,13 @@ async def read_all(fill: Fill) -> bytes:
 async def test_a_cancelled_reader_does_not_disturb_the_others() -> None:
     upstream = SlowAudio([b"a" * 10, b"b" * 10, b"c" * 10])
     stored: list[Entry] = []
-    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: stored.append(e))
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: stored.append(e),
+    )
     flights = Flights()
     first = asyncio.create_task(read_all(fill))
     second = asyncio.create_task(read_all(fill))
@@ -78,7 +94,13 @@ async def test_nothing_is_stored_when_the_length_falls_short() -> None:
     upstream = SlowAudio([b"a" * 10])
     upstream.headers["Content-Length"] = "20"
     stored: list[Entry] = []
-    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: stored.append(e))
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: stored.append(e),
+    )
     reader = asyncio.create_task(read_all(fill))
     lead = asyncio.create_task(Flights().lead((KEY, "x", None), fill, upstream))
     upstream.release.put_nowait(None)
@@ -115,7 +137,13 @@ class HeadWithBody(SlowAudio):
 async def test_the_leader_opens_in_its_own_task_and_gets_the_first_chunk_at_once() -> None:
     upstream = HeadWithBody(b"a" * 10, [b"b" * 10])
     stored: list[Entry] = []
-    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: stored.append(e))
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: stored.append(e),
+    )
     flights = Flights()
     flight = (KEY, SPEAK.text_sha256(), None)
     leader = fill.reader()
@@ -142,7 +170,13 @@ async def test_a_first_chunk_over_the_entry_limit_still_reaches_the_leader() -> 
     upstream = HeadWithBody(b"a" * 50, [])
     upstream.answer.set()
     stored: list[Entry] = []
-    fill = Fill(KEY, call(), max_entry_bytes=20, on_commit=lambda k, e: stored.append(e))
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=20,
+        on_commit=lambda k, e: stored.append(e),
+    )
     leader = fill.reader()
     await Flights().lead((KEY, "x", None), fill, upstream)
     assert not fill.joinable  # too large to join from the first byte
@@ -152,7 +186,13 @@ async def test_a_first_chunk_over_the_entry_limit_still_reaches_the_leader() -> 
 
 async def test_a_lead_cancelled_while_opening_fails_the_joined_readers() -> None:
     upstream = HeadWithBody(b"a", [])
-    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: None)
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: None,
+    )
     flights = Flights()
     flight = (KEY, "x", None)
     lead = asyncio.create_task(flights.lead(flight, fill, upstream))
@@ -169,7 +209,13 @@ async def test_a_lead_cancelled_while_opening_fails_the_joined_readers() -> None
 async def test_with_joined_readers_the_first_bytes_go_to_all_from_the_body_task() -> None:
     upstream = HeadWithBody(b"a" * 10, [b"b" * 10])
     upstream.answer.set()
-    fill = Fill(KEY, call(), max_entry_bytes=1000, on_commit=lambda k, e: None)
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: None,
+    )
     leader, joiner = fill.reader(), fill.reader()
     await Flights().lead((KEY, "x", None), fill, upstream)
     # Not handed to the leader alone: the joined clients prepare their responses first.
