@@ -8,11 +8,12 @@ import time
 from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.app import IDENTITY, STATS
 from proxy.config import Settings
+from proxy.headers import X_REQUEST_ID, X_TTS_CACHE, X_TTS_CACHE_TIER
 from proxy.log_lines import LineWriter
 from proxy.request_context import REQUEST_ID, UPSTREAM_SECONDS
 from proxy.speak import CacheKey
@@ -49,7 +50,7 @@ class AccessLogger(AbstractAccessLogger):
     def _log(self, request: web.BaseRequest, response: web.StreamResponse, seconds: float) -> None:
         app: web.Application | None = getattr(request, "app", None)
         headers = response.headers
-        outcome = headers.get("X-TTS-Cache")
+        outcome = headers.get(X_TTS_CACHE)
         stats = _stats(app)
         # Speak calls are POSTs; the audio URLs (GET, also X-TTS-Cache: hit) are not timed.
         if outcome is not None and stats is not None and request.method == "POST":
@@ -63,12 +64,12 @@ class AccessLogger(AbstractAccessLogger):
         # Built by hand: a dict through json's encoder costs several times more, per request.
         line = (
             f'{{"ts":{time.time():.3f},'
-            f'"request_id":{_text(request.get(REQUEST_ID) or headers.get("X-Request-Id"))},'
+            f'"request_id":{_text(request.get(REQUEST_ID) or headers.get(X_REQUEST_ID))},'
             f'"method":{_text(request.method)},'
             f'"path":{_text(logged_path(request))},'
             f'"status":{response.status},'
             f'"cache":{_text(outcome)},'
-            f'"tier":{_text(headers.get("X-TTS-Cache-Tier"))},'
+            f'"tier":{_text(headers.get(X_TTS_CACHE_TIER))},'
             f'"key":{_text(key_digest(request, response))},'
             f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.2f}"},'
             f'"total_ms":{seconds * 1000:.2f}}}'
@@ -117,7 +118,7 @@ def key_digest(request: web.BaseRequest, response: web.StreamResponse) -> str | 
         if user is None:
             return None
         return _digest(user, info["thread"], info["message"], info["voice"])
-    location = response.headers.get("Content-Location")
+    location = response.headers.get(hdrs.CONTENT_LOCATION)
     if location is None or not location.startswith(AUDIO_PREFIX):
         return None
     # Only a believed user's speak response names its audio: the identity header is theirs.

@@ -18,7 +18,6 @@ from proxy.admin.entry_pages import EntryPages
 from proxy.admin.history import History
 from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import DASHBOARD, ENTRY_PAGES, add_dashboard_routes
-from proxy.admission import Admission
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
@@ -27,11 +26,12 @@ from proxy.index.legacy import LegacyMessages
 from proxy.index.pool import Password, index_enabled
 from proxy.janitor import Janitor
 from proxy.metrics import Metrics, ProxyCollector
-from proxy.middleware.audio import AUDIO_ROUTE, AudioUrl
-from proxy.middleware.tts_cache import TtsCache
 from proxy.ownership import OwnershipCheck
+from proxy.policy import Admission
 from proxy.readiness import Readiness, readiness_session
 from proxy.request_context import Handler, with_request_id
+from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
+from proxy.routes.speak import SpeakHandler
 from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
@@ -54,7 +54,7 @@ CACHE: Final = web.AppKey("cache", TieredCache)
 INDEX: Final = web.AppKey("index", PostgresIndex)
 LEGACY: Final = web.AppKey("legacy", LegacyMessages)
 VOLUME: Final = web.AppKey("volume", DurableTier)
-TTS_CACHE: Final = web.AppKey("tts_cache", TtsCache)
+SPEAK_HANDLER: Final = web.AppKey("speak_handler", SpeakHandler)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
 SYNTHESIZER: Final = web.AppKey("synthesizer", ProviderChain)
@@ -87,7 +87,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
     app.cleanup_ctx.append(_housekeeping)
-    app.cleanup_ctx.append(_plugins)
+    app.cleanup_ctx.append(_handlers)
     app.cleanup_ctx.append(_operator_view)
     if settings.admin.token:  # no token, no pages (every one is a 404)
         setup_templates(app)
@@ -130,18 +130,18 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 class SpeakRoute:
-    """The speak paths' handler: the cache plugin, which is built at start (see _plugins)."""
+    """The speak paths' handler: the speak handler, which is built at start (see _handlers)."""
 
     __slots__ = ("target",)
 
     def __init__(self) -> None:
-        self.target: TtsCache | None = None
+        self.target: SpeakHandler | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """A POST to a speak path: the cache plugin decides."""
+        """A POST to a speak path: the speak handler decides."""
         target = self.target
         if target is None:
-            raise RuntimeError("the cache plugin is not set up: did the app start?")
+            raise RuntimeError("the speak handler is not set up: did the app start?")
         return await target.handle(request)
 
 
@@ -263,7 +263,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     await guard.aclose()
 
 
-async def _plugins(app: web.Application) -> AsyncIterator[None]:
+async def _handlers(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     upstream = get_state(app, UPSTREAM)
     ownership = (
@@ -271,7 +271,7 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         if settings.index.verify_ownership
         else None
     )
-    app[TTS_CACHE] = app[SPEAK_ROUTE].target = TtsCache(
+    app[SPEAK_HANDLER] = app[SPEAK_ROUTE].target = SpeakHandler(
         settings=settings,
         identity=app[IDENTITY],
         cache=get_state(app, CACHE),
@@ -281,9 +281,7 @@ async def _plugins(app: web.Application) -> AsyncIterator[None]:
         stats=app[STATS],
         index=app.get(INDEX),
         ownership=ownership,
-        admission=Admission(
-            min_uses=settings.cache.min_uses, max_text_chars=settings.cache.max_text_chars
-        ),
+        admission=Admission(min_uses=settings.cache.min_uses),
         disk_guard=app[DISK_GUARD],
         janitor=app[JANITOR],
     )

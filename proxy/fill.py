@@ -10,6 +10,8 @@ from itertools import count
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.headers import X_TTS_PROVIDER
+from proxy.policy import storable_head
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry, stored_header
 from proxy.upstreams.base import SpeakCall, Upstream, UpstreamError, UpstreamResponse
@@ -116,7 +118,12 @@ class Fill:
                 response.headers,
             )
             self.upstream_seconds = response.upstream_seconds
-            self.storable = self._storable_head()
+            self.storable = storable_head(
+                self.status,
+                self.headers,
+                wanted_provider=self.call.speak.provider,
+                max_entry_bytes=self._max_entry_bytes,
+            )
             first = response.read_buffered()
             if len(self._readers) <= 1:
                 # What came with the head is the first chunk: the one client gets it without
@@ -197,28 +204,12 @@ class Fill:
         if expected is not None and expected.isdigit() and int(expected) != self.received:
             self.broken = True
 
-    def _storable_head(self) -> bool:
-        content_type = self.headers.get(hdrs.CONTENT_TYPE, "").lower()
-        encoding = self.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
-        length = self.headers.get(hdrs.CONTENT_LENGTH)
-        if self.status != 200 or not content_type.startswith("audio/"):
-            return False
-        if encoding != "identity":
-            return False
-        if length is not None and (not length.isdigit() or int(length) > self._max_entry_bytes):
-            return False
-        if "X-TTS-Fallback" in self.headers:
-            return False  # another provider's or another voice's audio: served, never stored
-        wanted = self.call.speak.provider
-        used = self.headers.get("X-TTS-Provider", "").strip().lower() or None
-        return not (wanted is not None and used != wanted)
-
     def _commit(self) -> None:
         if not self._store_allowed:
             return
         body = b"".join(self._chunks)
         headers = tuple((k, v) for k, v in self.headers.items() if stored_header(k))
-        provider = self.headers.get("X-TTS-Provider") or self.call.speak.provider
+        provider = self.headers.get(X_TTS_PROVIDER) or self.call.speak.provider
         entry = Entry.build(
             body,
             content_type=self.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream"),

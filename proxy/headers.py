@@ -28,7 +28,10 @@ X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
 # RFC 9110 7.6.3: the protocol and name this proxy adds to Via, both ways.
 VIA: Final = "1.1 tts-cache-proxy"
 
-DISABLED: Final = {X_TTS_CACHE: "disabled", CACHE_STATUS: f"{CACHE_NAME}; fwd=bypass"}
+DISABLED: Final[dict[str, str]] = {
+    X_TTS_CACHE: "disabled",
+    CACHE_STATUS: f"{CACHE_NAME}; fwd=bypass",
+}
 
 
 def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, str]:

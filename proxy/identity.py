@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.config import IdentitySettings
+from proxy.headers import X_FORWARDED_HOST, X_FORWARDED_PROTO
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,8 +47,8 @@ class IdentityResolver:
         headers = [
             settings.user_header,
             settings.token_header,
-            "X-Forwarded-Proto",
-            "X-Forwarded-Host",
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
         ]
         self._untrusted_drop: Final = tuple(h for h in headers if h)
         # Peers are few (the proxies in front); parsing an address per request is not free.

@@ -12,14 +12,13 @@ from typing import Final
 
 from cachetools import TTLCache
 
+from proxy.headers import X_TTS_FALLBACK, X_TTS_PROVIDER
 from proxy.speak import CacheKey, SpeakRequest
 from proxy.storage.entry import EntryMeta
 
 # How long a request counts towards cache.min_uses, and how many keys are counted at once.
 USE_WINDOW_SECONDS: Final = 86_400.0
 MAX_COUNTED_KEYS: Final = 100_000
-FALLBACK_HEADER: Final = "X-TTS-Fallback"
-PROVIDER_HEADER: Final = "X-TTS-Provider"
 
 
 def cacheable_key(
@@ -64,9 +63,9 @@ def storable_head(
         return False
     if length is not None and (not length.isdigit() or int(length) > max_entry_bytes):
         return False
-    if FALLBACK_HEADER in headers:
+    if X_TTS_FALLBACK in headers:
         return False
-    used = headers.get(PROVIDER_HEADER, "").strip().lower() or None
+    used = headers.get(X_TTS_PROVIDER, "").strip().lower() or None
     return not (wanted_provider is not None and used != wanted_provider)
 
 

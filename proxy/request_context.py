@@ -11,14 +11,15 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
-from multidict import istr
+
+from proxy.headers import X_REQUEST_ID
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # An istr: looked up in the request headers and set in the response headers on every hit.
-REQUEST_ID_HEADER: Final = istr("X-Request-Id")
+REQUEST_ID_HEADER: Final = X_REQUEST_ID
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 UPSTREAM_SECONDS: Final = web.RequestKey("upstream_seconds", float)
 

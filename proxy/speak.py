@@ -75,15 +75,6 @@ class SpeakRequest(NamedTuple):
         """The digest a stored entry must match: another text is another recording."""
         return hashlib.sha256(self.text.strip().encode()).hexdigest()
 
-    def cache_key(self, user: str | None) -> CacheKey | None:
-        """The key when the request may be cached, else None."""
-        if not (user and self.message_id and self.thread_id and self.save_to_volume):
-            return None
-        if not self.text.strip():
-            return None
-        key = CacheKey(user, self.thread_id, self.message_id, self.voice)
-        return key if key.valid() else None
-
 
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
     """The body as a JSON object, or None when it is anything else."""

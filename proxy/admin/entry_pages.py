@@ -12,8 +12,8 @@ from aiohttp import web
 from proxy.admin.api import AdminApi
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.pages import ADMIN, SECURITY_HEADERS, AdminPages, see_other
-from proxy.middleware.audio import serve_entry
 from proxy.purge import purge
+from proxy.routes.audio import serve_entry
 from proxy.speak import CacheKey
 from proxy.storage.scope import BadScope, Scope
 

@@ -14,6 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
+from proxy.headers import VIA, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO
 from proxy.request_context import (
     REQUEST_ID_HEADER,
     UPSTREAM_SECONDS,
@@ -26,7 +27,6 @@ from proxy.upstreams.client_stream import ClientStream, as_upstream_error
 
 log = logging.getLogger(__name__)
 
-VIA: Final = "1.1 tts-cache-proxy"
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
@@ -77,12 +77,12 @@ def outgoing_headers(request: web.BaseRequest, headers: Headers) -> CIMultiDict[
     out = end_to_end(headers)
     out.popall(hdrs.HOST, None)
     peer = request.remote or ""
-    previous = ", ".join(out.getall("X-Forwarded-For", []))
-    out.popall("X-Forwarded-For", None)
-    out["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-    out.setdefault("X-Forwarded-Proto", request.scheme)
+    previous = ", ".join(out.getall(X_FORWARDED_FOR, []))
+    out.popall(X_FORWARDED_FOR, None)
+    out[X_FORWARDED_FOR] = f"{previous}, {peer}" if previous else peer
+    out.setdefault(X_FORWARDED_PROTO, request.scheme)
     if request.host:
-        out.setdefault("X-Forwarded-Host", request.host)
+        out.setdefault(X_FORWARDED_HOST, request.host)
     out.add(hdrs.VIA, VIA)
     out[REQUEST_ID_HEADER] = request_id(request)
     return out

@@ -16,6 +16,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from proxy.config import ConfigError, Settings, UpstreamSettings
+from proxy.headers import X_TTS_FALLBACK, X_TTS_PROVIDER, X_TTS_VOICE
 from proxy.upstreams.base import SpeakCall, UpstreamError, UpstreamResponse
 from proxy.upstreams.clean import clean_text
 
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROVIDER_HEADER: Final = "X-TTS-Provider"
-VOICE_HEADER: Final = "X-TTS-Voice"
-# Present when the audio is not what the request asked for (another provider, or another voice):
-# such audio is served, but must never be stored under the requested voice.
-FALLBACK_HEADER: Final = "X-TTS-Fallback"
 CREDENTIALS: Final = {"replicate": "REPLICATE_API_TOKEN", "deepgram": "DEEPGRAM_API_KEY"}
 PACKAGES: Final = {"replicate": "replicate>=1,<2", "deepgram": "deepgram-sdk>=3,<8"}
 MAX_DETAIL_CHARS: Final = 300
@@ -183,8 +179,8 @@ def audio_headers(
         headers[hdrs.CONTENT_LENGTH] = length
     headers[hdrs.CACHE_CONTROL] = "no-cache"
     headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
-    headers[PROVIDER_HEADER] = provider
-    headers[VOICE_HEADER] = voice
+    headers[X_TTS_PROVIDER] = provider
+    headers[X_TTS_VOICE] = voice
     return headers
 
 
@@ -232,7 +228,7 @@ class ProviderChain:
                 continue
             substituted = _substitutions(response, call, first=attempt == 0)
             if substituted:
-                response.headers[FALLBACK_HEADER] = ", ".join(substituted)
+                response.headers[X_TTS_FALLBACK] = ", ".join(substituted)
                 log.debug("tts provider %s answered with a %s", provider.name, substituted)
             return response
         raise AllProvidersFailed(errors)
@@ -318,10 +314,10 @@ def _close(response: UpstreamResponse | None) -> None:
 def _substitutions(response: UpstreamResponse, call: SpeakCall, *, first: bool) -> list[str]:
     """What differs from the request: the provider, the voice, or both."""
     found: list[str] = []
-    used = response.headers.get(PROVIDER_HEADER, "").lower()
+    used = response.headers.get(X_TTS_PROVIDER, "").lower()
     if not first or (call.speak.provider is not None and used != call.speak.provider):
         found.append("provider")
-    voice = response.headers.get(VOICE_HEADER)
+    voice = response.headers.get(X_TTS_VOICE)
     if voice is not None and voice != call.speak.voice:
         found.append("voice")
     return found
@@ -389,9 +385,6 @@ def _import_provider(name: str) -> None:
 
 
 __all__ = [
-    "FALLBACK_HEADER",
-    "PROVIDER_HEADER",
-    "VOICE_HEADER",
     "AllProvidersFailed",
     "MissingCredential",
     "PrimedResponse",

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.policy import cacheable_key
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object, valid_id
 
 BODY = {
@@ -21,7 +22,7 @@ BODY = {
 def test_fields_and_key() -> None:
     speak = SpeakRequest.from_json(BODY, "af_bella")
     assert speak.provider == "replicate"
-    assert speak.cache_key("a@b.com") == CacheKey("a@b.com", "t-1", "m-1", "af_nicole")
+    assert cacheable_key(speak, "a@b.com") == CacheKey("a@b.com", "t-1", "m-1", "af_nicole")
 
 
 def test_default_voice() -> None:
@@ -45,12 +46,12 @@ def test_default_voice() -> None:
     ],
 )
 def test_not_cacheable(change: dict[str, object]) -> None:
-    assert SpeakRequest.from_json({**BODY, **change}, "af").cache_key("a@b.com") is None
+    assert cacheable_key(SpeakRequest.from_json({**BODY, **change}, "af"), "a@b.com") is None
 
 
 @pytest.mark.parametrize("user", [None, "", "../etc", "a/b", "x" * 200, "ü@x"])
 def test_no_key_without_a_safe_user(user: str | None) -> None:
-    assert SpeakRequest.from_json(BODY, "af").cache_key(user) is None
+    assert cacheable_key(SpeakRequest.from_json(BODY, "af"), user) is None
 
 
 @given(st.text(max_size=300))

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 
+from proxy.headers import X_TTS_CACHE, meta_headers
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
-from proxy.middleware.tts_cache import meta_headers
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
 from proxy.speak import CacheKey
@@ -49,7 +49,7 @@ def serve_entry(request: web.BaseRequest, entry: Entry, tier: str) -> web.Respon
     """A cached entry as a GET/HEAD answer: 200, 206 for a Range, 304 on a matching ETag, 416."""
     headers = meta_headers(entry.meta, tier)
     headers[hdrs.ACCEPT_RANGES] = "bytes"
-    headers["X-TTS-Cache"] = "hit"
+    headers[X_TTS_CACHE] = "hit"
     # Responses vary by who asks: shared caches must not reuse them across users.
     headers[hdrs.CACHE_CONTROL] = "private, no-cache"
     if etag_matches(request.headers.get(hdrs.IF_NONE_MATCH), entry.meta.etag):

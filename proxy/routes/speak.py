@@ -1,4 +1,4 @@
-"""The speak interception: serve cacheable speak calls from the tiers, fill misses once."""
+"""The speak handler: serve cacheable speak calls from the tiers, fill misses once."""
 
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ from typing import Any, Final, NamedTuple
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
+from proxy.headers import (
+    DISABLED,
+    VIA,
+    cache_headers,
+    hit_headers,
+    hit_status,
+    meta_headers,
+    miss_status,
+)
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
+from proxy.policy import Admission, cacheable_key, entry_matches
 from proxy.request_context import (
     REQUEST_ID_HEADER,
     UPSTREAM_SECONDS,
@@ -33,7 +42,6 @@ from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import (
-    VIA,
     HttpUpstream,
     abort_connection,
     end_to_end,
@@ -43,10 +51,8 @@ from proxy.upstreams.http import (
 
 log = logging.getLogger(__name__)
 
-CACHE_STATUS: Final = "tts-cache-proxy"
 # Prebuilt hit headers kept at once; a full map is simply dropped and rebuilt as hits come.
 REPLAY_HEADER_CACHE: Final = 2_048
-DISABLED: Final = {"X-TTS-Cache": "disabled", "Cache-Status": f"{CACHE_STATUS}; fwd=bypass"}
 
 
 # Parsed bodies remembered at once, and the largest body remembered: ~1.5 KiB each, ~2 MiB in all
@@ -65,10 +71,8 @@ class ParsedSpeak(NamedTuple):
 
     def matches(self, meta: EntryMeta) -> bool:
         """True when a stored entry was made from this text (and by the provider asked for)."""
-        if meta.text_sha256 != self.text_sha256:
-            return False
         provider = self.speak.provider if self.speak is not None else None
-        return provider is None or meta.provider == provider
+        return entry_matches(meta, self.text_sha256, provider)
 
 
 class PrebuiltHeaders:
@@ -91,7 +95,7 @@ class BodyTooLarge(Exception):
 
 
 @dataclass(frozen=True)
-class TtsCache:
+class SpeakHandler:
     """The speak handler: everything the interception needs, built once at start."""
 
     settings: Settings
@@ -219,7 +223,7 @@ class TtsCache:
         await self._note_hit(key, "volume")
         meta = stream.meta
         response = web.StreamResponse(status=meta.status, headers=meta_headers(meta, "volume"))
-        response.headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail=volume"))
+        response.headers.update(cache_headers(key, "hit", hit_status("volume")))
         response.content_length = meta.length
         stamp_request_id(request, response)
         parts: list[bytes] = []
@@ -260,9 +264,7 @@ class TtsCache:
         text_sha = ""
         if document is not None:
             speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
-            key = speak.cache_key(user)
-            if key is not None and self.admission and not self.admission.text_allowed(speak.text):
-                key = None  # long texts (LLM replies) are rarely replayed: bypass the cache
+            key = cacheable_key(speak, user, max_text_chars=self.settings.cache.max_text_chars)
             text_sha = speak.text_sha256()
         parsed = ParsedSpeak(document, speak, key, text_sha)
         if len(body) <= PARSED_BODY_LIMIT:
@@ -276,7 +278,7 @@ class TtsCache:
         meta = entry.meta
         prebuilt = self._replay_headers.get((key, tier))
         if prebuilt is None or prebuilt.meta is not meta:
-            prebuilt = PrebuiltHeaders(meta, hit_headers(key, entry, tier))
+            prebuilt = PrebuiltHeaders(meta, hit_headers(key, meta, tier))
             if len(self._replay_headers) >= REPLAY_HEADER_CACHE:
                 self._replay_headers.clear()
             self._replay_headers[(key, tier)] = prebuilt
@@ -329,38 +331,6 @@ async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, str]:
-    """The headers that tell the client what the cache did, and where the audio lives."""
-    return {
-        "X-TTS-Cache": outcome,
-        "Cache-Status": cache_status,
-        "Content-Location": key.audio_path(),
-    }
-
-
-def age_of(meta: EntryMeta) -> str:
-    """The Age header value of an entry, in whole seconds."""
-    return str(max(0, int(time.time() - meta.created_at)))
-
-
-def meta_headers(meta: EntryMeta, tier: str, *, age: bool = True) -> CIMultiDict[str]:
-    """The stored headers of an entry plus its validators (and its age, unless told not to)."""
-    headers: CIMultiDict[str] = CIMultiDict(meta.headers)
-    headers[hdrs.CONTENT_TYPE] = meta.content_type
-    headers[hdrs.ETAG] = meta.etag
-    if age:
-        headers[hdrs.AGE] = age_of(meta)
-    headers["X-TTS-Cache-Tier"] = tier
-    return headers
-
-
-def hit_headers(key: CacheKey, entry: Entry, tier: str) -> CIMultiDict[str]:
-    """The headers of a replayed entry, without Age (which changes every second)."""
-    headers = meta_headers(entry.meta, tier, age=False)
-    headers.update(cache_headers(key, "hit", f"{CACHE_STATUS}; hit; detail={tier}"))
-    return headers
-
-
 async def stream_fill(
     request: web.Request, fill: Fill, reader: FillReader, key: CacheKey, *, collapsed: bool
 ) -> web.StreamResponse:
@@ -370,12 +340,8 @@ async def stream_fill(
         if not collapsed and fill.upstream_seconds is not None:
             # For the access log: the upstream was waited for by the fill's first request only.
             request[UPSTREAM_SECONDS] = fill.upstream_seconds
-        status = f"{CACHE_STATUS}; fwd=uri-miss"
-        if collapsed:
-            status += "; collapsed"
-        if fill.storable and fill.store_allowed:
-            status += "; stored"
-        ours = cache_headers(key, "miss", status)
+        stored = fill.storable and fill.store_allowed
+        ours = cache_headers(key, "miss", miss_status(collapsed=collapsed, stored=stored))
         if fill.error is not None:
             return json_error(fill.error.status, fill.error.detail, headers=ours)
         response = web.StreamResponse(status=fill.status, reason=fill.reason)

@@ -1,1 +1,0 @@
-"""aiohttp middlewares and the cache plugin."""
