@@ -1,0 +1,140 @@
+"""The settings as typed, frozen dataclasses, each key with its default; and ConfigError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(Exception):
+    """A setting is wrong; `key` names it and the message says what is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the proxy listens and how it stops."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout_seconds: float = 30.0
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """The legacy backend and who synthesizes a speak miss."""
+
+    url: str = "http://127.0.0.1:8000"
+    kind: Literal["http", "replicate", "deepgram"] = "http"
+    fallback: str = ""
+    timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 5.0
+    max_connections: int = 200
+    provider_timeout_seconds: float = 30.0
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_model: str = (
+        "jaaari/kokoro-82m:f559560eb822dc509045f3921a1921234918b91739db4bf3daab2169b71c7a13"
+    )
+    deepgram_base_url: str = "https://api.deepgram.com"
+    deepgram_encoding: str = "mp3"
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    """The /speak contract."""
+
+    speak_paths: list[str] = field(default_factory=lambda: ["/api/tts/speak"])
+    max_body_bytes: int = 1_048_576
+    default_voice: str = "af_nicole"
+    forward_save_to_volume: bool = False
+    clean_text: Literal["none", "basic"] = "basic"
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """Who is asking, and whom to believe."""
+
+    mode: Literal["forwarded", "header", "none"] = "forwarded"
+    user_header: str = "X-Forwarded-Email"
+    token_header: str = "X-Forwarded-Access-Token"
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The in-process LRU tier."""
+
+    max_bytes: int = 268_435_456
+    ttl_seconds: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """The durable tier."""
+
+    kind: Literal["local", "databricks", "none"] = "local"
+    path: str = "var/volume"
+    prefix: str = "tts_audio"
+    timeout_seconds: float = 10.0
+    auth: Literal["app", "user"] = "app"
+    retries: int = 2
+    failure_threshold: int = 5
+    cooldown_seconds: float = 30.0
+    max_bytes: int = 0
+    ttl_seconds: float = 0.0
+    user_max_bytes: int = 0
+    min_free_bytes: int = 536_870_912
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Both tiers and what may enter them."""
+
+    max_entry_bytes: int = 16_777_216
+    max_text_chars: int = 5_000
+    min_uses: int = 1
+    janitor_interval_seconds: float = 300.0
+    janitor_batch_size: int = 500
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    volume: VolumeSettings = field(default_factory=VolumeSettings)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The optional PostgreSQL index."""
+
+    dsn: str = ""
+    password: str = ""
+    password_from: Literal["config", "databricks"] = "config"
+    schema: str = "tts_cache"
+    timeout_seconds: float = 2.0
+    pool_max_size: int = 10
+    verify_ownership: bool = False
+    ownership_cache_seconds: float = 30.0
+    ownership_query: str = "SELECT 1 FROM chat_messages WHERE message_id = $1 AND user_id = $2"
+    write_legacy_metadata: bool = False
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin API and pages."""
+
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the proxy."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    tts: TtsSettings = field(default_factory=TtsSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
