@@ -131,8 +131,8 @@ class Fill:
                 self._accept(first)
             else:
                 # Clients joined while the head was awaited: each prepares its response when
-                # the head wakes it, then the body task hands the first bytes to all together
-                # (the first client otherwise went a hundred responses ahead of the last).
+                # the head wakes it, and the body task hands the first bytes to all of them in
+                # one turn, so every joined client starts within one turn of the first.
                 self._held = first
         except UpstreamError as exc:
             self.error = exc

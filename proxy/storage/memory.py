@@ -35,8 +35,7 @@ class MemoryTier:
         self.max_entry_bytes = max_entry_bytes
         self._timer = timer
         # An LRU in one OrderedDict (least recently used first) with the deadline beside each
-        # entry: a hit is one lookup and one move_to_end, both in C. Library caches (cachetools)
-        # spend several Python calls per lookup, and lookups are the hot path.
+        # entry: a hit, the hot path, is one lookup and one move_to_end, both in C.
         self._cache: OrderedDict[CacheKey, _Stored] | None = (
             None if max_bytes == 0 else OrderedDict()
         )

@@ -41,10 +41,10 @@ class TieredCache:
         # this many bytes, new writes are skipped (counted) rather than let memory grow unbounded.
         self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
-        # A fill ends when its client has its last byte, which is when a client playing messages
-        # in turn asks for the next one: the Volume write (about a millisecond of CPU, three
-        # fsyncs) waits this long so as not to land on that request's way to its first byte.
-        # The entry is served from memory meanwhile; drain() and delete() wait for the write.
+        # A Volume write starts this long after its put: a fill ends when its client has the last
+        # byte, which is when a client playing messages in turn asks for the next one, and the
+        # write must not take the CPU from that request's first byte. Invariant: from put until
+        # the write ends, the entry is readable from memory; drain() and delete() wait for it.
         self.write_delay_seconds = write_delay_seconds
         self.timeout_seconds = timeout_seconds
         self.misses = 0
