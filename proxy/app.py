@@ -34,11 +34,11 @@ from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry
 from proxy.storage.index import Password, PostgresIndex, index_enabled
+from proxy.storage.local import LocalVolume
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
 from proxy.upstreams.http import HttpUpstream, client_session
 from proxy.upstreams.providers import ProviderChain, build_synthesizer, check_credentials
 

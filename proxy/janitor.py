@@ -26,11 +26,12 @@ from typing import Final, Protocol
 
 from proxy.config import CacheSettings
 from proxy.speak import CacheKey
+from proxy.storage.entry import EntryInfo as StoredEntryInfo
 from proxy.storage.index import IndexUnavailable, PostgresIndex
 from proxy.storage.index_janitor import IndexLedger
+from proxy.storage.local import LocalVolume
 from proxy.storage.tiered import TieredCache
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume, StoredEntryInfo
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import aiohttp
 from proxy.config import Settings
 from proxy.purge import PurgeResult, PurgeScope, purge
 from proxy.storage.index import PostgresIndex, index_enabled
+from proxy.storage.local import LocalVolume
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
 
 log = logging.getLogger(__name__)
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 
 from proxy.storage.index import PostgresIndex
+from proxy.storage.local import LocalVolume
+from proxy.storage.local.io import folder_writable
 from proxy.storage.tiers import Tier
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
 
 CHECK_TIMEOUT_SECONDS: Final = 2.0
 
@@ -74,16 +73,6 @@ async def upstream_answers(session: aiohttp.ClientSession, url: str) -> bool:
     """True when the upstream answers a HEAD with any HTTP status (a 404 or a 500 is an answer)."""
     async with session.head(url, allow_redirects=False) as response:
         return response.status > 0
-
-
-def folder_writable(root: Path) -> bool:
-    """True when the Volume folder (or, before its first write, its nearest parent) is writable."""
-    path = root
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def readiness_session() -> aiohttp.ClientSession:

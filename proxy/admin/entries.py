@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Final
 
 from proxy.speak import CacheKey, valid_id
+from proxy.storage.entry import EntryInfo as StoredEntryInfo
 from proxy.storage.entry import EntryMeta
 from proxy.storage.index import IndexedEntry, IndexUnavailable, PostgresIndex
+from proxy.storage.layout import SIDECAR_SUFFIX
+from proxy.storage.local import LocalVolume
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_local import SIDECAR_SUFFIX, LocalVolume, StoredEntryInfo
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from proxy.admin.chart import HEIGHT, WIDTH, hit_ratio_bars
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.history import History
 from proxy.metrics import error_counts
+from proxy.storage.local import LocalVolume
 from proxy.storage.volume_databricks import DatabricksVolume
-from proxy.storage.volume_local import LocalVolume
 
 
 def ratio(part: int, whole: int) -> float | None:

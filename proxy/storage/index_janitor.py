@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from proxy.speak import CacheKey
+from proxy.storage.entry import EntryInfo as StoredEntryInfo
 from proxy.storage.index import PostgresIndex, quote_schema
-from proxy.storage.volume_local import StoredEntryInfo
 
 LOCK_NAMESPACE: Final = "tts-cache-proxy:janitor"
 _COLUMNS: Final = "user_id, thread_id, message_id, voice, bytes, created_at, last_hit_at"

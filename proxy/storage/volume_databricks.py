@@ -31,18 +31,18 @@ from proxy.identity import CURRENT_TOKEN
 from proxy.speak import CacheKey, valid_id
 from proxy.storage.breaker import BreakerState, CircuitBreaker
 from proxy.storage.entry import Entry, EntryMeta
-from proxy.storage.volume_local import (
-    _MAX_SIDECAR_BYTES,
+from proxy.storage.entry import EntryInfo as StoredEntryInfo
+from proxy.storage.layout import MAX_SIDECAR_BYTES as _MAX_SIDECAR_BYTES
+from proxy.storage.layout import (
     OBJECT_EXTENSIONS,
     SIDECAR_SUFFIX,
-    StoredEntryInfo,
-    _key_json,
-    _parse_sidecar,
-    _require_valid,
     extension_for,
     split_names,
     stale_names,
 )
+from proxy.storage.layout import key_json as _key_json
+from proxy.storage.layout import parse_sidecar as _parse_sidecar
+from proxy.storage.layout import require_valid as _require_valid
 
 FILES_API: Final = "/api/2.0/fs/files"
 DIRECTORIES_API: Final = "/api/2.0/fs/directories"
