@@ -86,12 +86,20 @@ class TieredCache:
             return None
 
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
-        """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
+        """The Volume's entry, streamed where the Volume can stream it; errors skip the tier.
+
+        An entry read whole (without a thread where the Volume can) is promoted here; a stream
+        is promoted by its reader once its body has been checked.
+        """
         volume = self.volume
         opener = getattr(volume, "open", None)
         if volume is None or opener is None:
             return await self._read_volume(key)
-        found: EntryStream | None = await self._call(volume.name, "open", key, lambda: opener(key))
+        found: Entry | EntryStream | None = self._read_nowait(volume, key)
+        if found is None:
+            found = await self._call(volume.name, "open", key, lambda: opener(key))
+        if isinstance(found, Entry):
+            self.promote(key, found)
         return found
 
     async def _read_volume(self, key: CacheKey) -> Entry | None:
@@ -99,17 +107,23 @@ class TieredCache:
         volume = self.volume
         if volume is None:
             return None
-        entry: Entry | None = None
-        fast = getattr(volume, "get_nowait", None)
-        if fast is not None:
-            try:
-                entry = fast(key)
-            except Exception as exc:
-                self._failed(volume.name, "get", key, exc)
+        entry = self._read_nowait(volume, key)
         if entry is None:
             entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
         if entry is not None:
             self.promote(key, entry)
+        return entry
+
+    def _read_nowait(self, volume: Tier, key: CacheKey) -> Entry | None:
+        """The Volume's entry when it can be read without awaiting; None means "ask it"."""
+        fast = getattr(volume, "get_nowait", None)
+        if fast is None:
+            return None
+        try:
+            entry: Entry | None = fast(key)
+        except Exception as exc:
+            self._failed(volume.name, "get", key, exc)
+            return None
         return entry
 
     def promote(self, key: CacheKey, entry: Entry) -> None:

@@ -13,6 +13,7 @@ from proxy.speak import CacheKey
 from proxy.storage.local import LocalVolume
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
+from proxy.storage.tiers import DurableTier
 from tests.local_volume import BAD_IDS, KEY, anything_under, entry, files_under, folder
 
 
@@ -260,3 +261,53 @@ async def test_a_verified_hit_is_read_without_a_thread_and_checked_again(tmp_pat
     obj.write_bytes(bytes(data))
     assert volume.get_nowait(KEY) is None
     assert await volume.get(KEY) is None
+
+
+async def test_it_declares_itself_a_durable_tier_without_a_breaker(tmp_path: Path) -> None:
+    volume: DurableTier = LocalVolume(tmp_path)
+    assert volume.kind == "local"
+    assert volume.breaker_state is None
+    assert volume.walkable is True
+    assert volume.describe() == "local folder (no breaker)"
+
+
+async def test_open_answers_the_whole_entry_as_get_does(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    assert await volume.open(KEY) is None
+    await volume.put(KEY, entry())
+    assert await volume.open(KEY) == entry()
+
+
+async def test_read_meta_reads_the_sidecar_alone_and_removes_nothing(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    assert await volume.read_meta(KEY) is None
+    await volume.put(KEY, entry())
+    assert await volume.read_meta(KEY) == entry().meta
+    (folder(tmp_path) / "af_nicole.mp3").unlink()
+    assert await volume.read_meta(KEY) == entry().meta  # the body is not looked at
+    (folder(tmp_path) / "af_nicole.meta.json").write_bytes(b"{not json")
+    assert await volume.read_meta(KEY) is None
+    assert files_under(tmp_path) == ["tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_lookups_refuse_invalid_keys(tmp_path: Path, bad: str) -> None:
+    volume = LocalVolume(tmp_path)
+    key = CacheKey(KEY.user, KEY.thread_id, bad, KEY.voice)
+    with pytest.raises(ValueError):
+        await volume.open(key)
+    with pytest.raises(ValueError):
+        await volume.read_meta(key)
+    with pytest.raises(ValueError):
+        await volume.exists(key)
+    with pytest.raises(ValueError):
+        volume.location(key, "audio/mpeg")
+
+
+async def test_ping_is_whether_the_folder_or_its_nearest_parent_is_writable(
+    tmp_path: Path,
+) -> None:
+    assert await LocalVolume(tmp_path / "not" / "made" / "yet").ping() is True
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_bytes(b"")
+    assert await LocalVolume(not_a_folder / "below").ping() is False
