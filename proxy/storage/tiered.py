@@ -86,7 +86,11 @@ class TieredCache:
             return None
 
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
-        """The Volume's entry, streamed where the Volume can stream it; errors skip the tier."""
+        """The Volume's entry, streamed where the Volume can stream it; errors skip the tier.
+
+        An entry read whole (without a thread where the Volume can) is promoted here; a stream
+        is promoted by its reader once its body has been checked.
+        """
         volume = self.volume
         if volume is None:
             return None

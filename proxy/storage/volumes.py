@@ -9,7 +9,7 @@ from proxy.storage.tiers import DurableTier
 def build_volume(settings: VolumeSettings) -> DurableTier | None:
     """The Volume for `settings`, or None when `cache.volume.kind` is "none"."""
     if settings.kind == "local":
-        from proxy.storage.volume_local import LocalVolume
+        from proxy.storage.local import LocalVolume
 
         return LocalVolume(settings.path, settings.prefix)
     if settings.kind == "databricks":

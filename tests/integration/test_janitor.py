@@ -21,9 +21,9 @@ from proxy.janitor import Janitor, JanitorReport
 from proxy.speak import CacheKey
 from proxy.storage.databricks import DatabricksVolume
 from proxy.storage.entry import Entry
+from proxy.storage.local import LocalVolume
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_local import LocalVolume
 from tests.fakes.files_api import FilesApiEmulator
 
 LOGGER = logging.getLogger("test.janitor")

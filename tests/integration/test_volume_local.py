@@ -1,52 +1,20 @@
-"""LocalVolume on a real folder: layout, restarts, corruption, invalid keys, crash leftovers."""
+"""LocalVolume on a real folder: layout, restarts, corruption, invalid keys, the fast path."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from proxy.speak import CacheKey
-from proxy.storage.entry import Entry
+from proxy.storage.local import LocalVolume
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import TieredCache
-from proxy.storage.volume_local import (
-    BACKGROUND_NICE,
-    READ_WAIT_SECONDS,
-    LocalVolume,
-    extension_for,
-)
-
-KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
-
-
-def entry(body: bytes = b"ID3 fake mp3 audio" * 100, content_type: str = "audio/mpeg") -> Entry:
-    return Entry.build(
-        body,
-        content_type=content_type,
-        text_sha256="ab" * 32,
-        provider="replicate",
-        headers=(("x-tts-provider", "replicate"),),
-        created_at=1_700_000_000.5,
-    )
-
-
-def folder(root: Path, key: CacheKey = KEY) -> Path:
-    return root / "tts_audio" / key.user / key.thread_id / key.message_id
-
-
-def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def anything_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+from proxy.storage.tiers import DurableTier
+from tests.local_volume import BAD_IDS, KEY, anything_under, entry, files_under, folder
 
 
 async def test_round_trip_uses_the_documented_layout(tmp_path: Path) -> None:
@@ -156,9 +124,6 @@ async def test_tampered_sidecar_is_a_miss(tmp_path: Path, change: dict[str, obje
     assert files_under(tmp_path) == []
 
 
-BAD_IDS = ["../x", "..", "x" * 500, "a\0b", "a/b", "ünïcode", "", ".hidden", "a\\b", "a b"]
-
-
 @pytest.mark.parametrize("bad", BAD_IDS)
 @pytest.mark.parametrize("field", ["user", "thread_id", "message_id", "voice"])
 async def test_invalid_keys_raise_and_touch_nothing(tmp_path: Path, field: str, bad: str) -> None:
@@ -175,19 +140,6 @@ async def test_invalid_keys_raise_and_touch_nothing(tmp_path: Path, field: str, 
         await volume.delete(key)
 
     assert anything_under(tmp_path) == []
-
-
-@pytest.mark.parametrize("bad", BAD_IDS)
-async def test_delete_prefix_refuses_invalid_ids(tmp_path: Path, bad: str) -> None:
-    volume = LocalVolume(tmp_path)
-    await volume.put(KEY, entry())
-    with pytest.raises(ValueError):
-        await volume.delete_prefix(bad)
-    with pytest.raises(ValueError):
-        await volume.delete_prefix(KEY.user, bad)
-    with pytest.raises(ValueError):
-        await volume.delete_prefix(KEY.user, KEY.thread_id, bad)
-    assert await volume.get(KEY) is not None
 
 
 def test_invalid_prefix_is_refused(tmp_path: Path) -> None:
@@ -214,28 +166,6 @@ async def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
     (planted / f"{KEY.voice}.meta.json").write_text("{}")
     with pytest.raises(ValueError):
         await volume.get(KEY)
-
-
-async def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
-    volume = LocalVolume(tmp_path)
-    await volume.put(KEY, entry())
-    here = folder(tmp_path)
-    (here / ".tmp-0123abcd").write_bytes(b"half an object")
-    (here.parent / ".tmp-deadbeef").write_bytes(b"")
-    (tmp_path / "tts_audio" / ".tmp-x").write_bytes(b"{")
-
-    assert await volume.clean_leftovers() == 3
-
-    assert await volume.get(KEY) == entry()
-    assert files_under(tmp_path) == [
-        "tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json",
-        "tts_audio/alice@example.com/t-9/m-123/af_nicole.mp3",
-    ]
-    assert await volume.clean_leftovers() == 0
-
-
-async def test_clean_leftovers_on_an_empty_root(tmp_path: Path) -> None:
-    assert await LocalVolume(tmp_path / "absent").clean_leftovers() == 0
 
 
 async def test_a_new_extension_replaces_the_old_object(tmp_path: Path) -> None:
@@ -278,29 +208,6 @@ async def test_delete_removes_object_and_sidecar(tmp_path: Path) -> None:
     ]
 
 
-async def test_delete_prefix_removes_a_subtree(tmp_path: Path) -> None:
-    volume = LocalVolume(tmp_path)
-    keys = [
-        CacheKey("alice", "t-1", "m-1", "v1"),
-        CacheKey("alice", "t-1", "m-1", "v2"),
-        CacheKey("alice", "t-1", "m-2", "v1"),
-        CacheKey("alice", "t-2", "m-3", "v1"),
-        CacheKey("bob", "t-1", "m-1", "v1"),
-    ]
-    for key in keys:
-        await volume.put(key, entry())
-
-    assert await volume.delete_prefix("alice", "t-1", "m-1") == 2
-    assert await volume.get(keys[0]) is None
-    assert await volume.get(keys[2]) is not None
-    assert await volume.delete_prefix("alice", "t-1") == 1
-    assert await volume.delete_prefix("alice") == 1
-    assert await volume.delete_prefix("alice") == 0
-    assert await volume.get(keys[4]) is not None
-    with pytest.raises(ValueError):
-        await volume.delete_prefix("alice", None, "m-1")
-
-
 async def test_concurrent_puts_and_gets_never_serve_or_lose_a_mix(tmp_path: Path) -> None:
     volume = LocalVolume(tmp_path)
     versions = [
@@ -318,19 +225,6 @@ async def test_concurrent_puts_and_gets_never_serve_or_lose_a_mix(tmp_path: Path
 
     # Readers racing writers must not have taken a fresh object for a corrupt one and removed it.
     assert await volume.get(KEY) in versions[1:]
-
-
-def test_extension_for_content_types() -> None:
-    assert extension_for("audio/mpeg") == "mp3"
-    assert extension_for("Audio/WAV; charset=binary") == "wav"
-    assert extension_for("audio/x-wav") == "wav"
-    assert extension_for("audio/wave") == "wav"
-    assert extension_for("audio/ogg") == "ogg"
-    assert extension_for("audio/opus") == "opus"
-    assert extension_for("audio/flac") == "flac"
-    assert extension_for("audio/aac") == "aac"
-    assert extension_for("audio/webm") == "webm"
-    assert extension_for("application/octet-stream") == "bin"
 
 
 async def test_tiered_cache_over_a_real_volume_survives_a_restart(tmp_path: Path) -> None:
@@ -369,93 +263,51 @@ async def test_a_verified_hit_is_read_without_a_thread_and_checked_again(tmp_pat
     assert await volume.get(KEY) is None
 
 
-def thread_nice_values() -> dict[int, int]:
-    """Every thread of this process and its nice value (/proc/self/task/*/stat, field 19)."""
-    values = {}
-    for task in Path("/proc/self/task").iterdir():
-        stat = (task / "stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        values[int(task.name)] = int(fields[16])
-    return values
+async def test_it_declares_itself_a_durable_tier_without_a_breaker(tmp_path: Path) -> None:
+    volume: DurableTier = LocalVolume(tmp_path)
+    assert volume.kind == "local"
+    assert volume.breaker_state is None
+    assert volume.walkable is True
+    assert volume.describe() == "local folder (no breaker)"
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-async def test_writes_run_in_threads_of_lower_priority_than_reads_and_the_loop(
-    tmp_path: Path,
-) -> None:
-    before = thread_nice_values()
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
+async def test_open_answers_the_whole_entry_as_get_does(tmp_path: Path) -> None:
     volume = LocalVolume(tmp_path)
-    try:
-        await volume.put(KEY, entry())
-        written = thread_nice_values()
-        assert await volume.get(KEY) is not None
-        after = thread_nice_values()
-    finally:
-        await volume.aclose()
-    writers = {tid for tid in written if tid not in before}
-    readers = {tid for tid in after if tid not in written}
-    assert writers and readers
-    assert {written[tid] for tid in writers} == {min(19, ours + BACKGROUND_NICE)}
-    assert {after[tid] for tid in readers} == {ours}
-    assert after[threading.get_native_id()] == ours
-
-
-async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    volume = LocalVolume(tmp_path)
+    assert await volume.open(KEY) is None
     await volume.put(KEY, entry())
-    read = volume._get_sync
-
-    def slow_read(key: CacheKey) -> Entry | None:
-        time.sleep(0.2)  # a cold disk
-        return read(key)
-
-    monkeypatch.setattr(volume, "_get_sync", slow_read)
-    gaps: list[float] = []
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticking = asyncio.create_task(ticker())
-    await asyncio.sleep(0.01)
-    try:
-        started = time.perf_counter()
-        found = await volume.get(KEY)
-        second = await volume.get(KEY)  # within the back-off: awaited at once
-        took = time.perf_counter() - started
-    finally:
-        ticking.cancel()
-        await volume.aclose()
-    assert found is not None and found.body == entry().body
-    assert second is not None and second.body == entry().body
-    assert took >= 0.4
-    # The loop went on while the reads waited for the disk: it was held once, for the wait.
-    assert max(gaps) < READ_WAIT_SECONDS + 0.05
-    assert len(gaps) > 100
+    assert await volume.open(KEY) == entry()
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-async def test_writes_queued_past_the_background_threads_run_at_normal_priority(
+async def test_read_meta_reads_the_sidecar_alone_and_removes_nothing(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    assert await volume.read_meta(KEY) is None
+    await volume.put(KEY, entry())
+    assert await volume.read_meta(KEY) == entry().meta
+    (folder(tmp_path) / "af_nicole.mp3").unlink()
+    assert await volume.read_meta(KEY) == entry().meta  # the body is not looked at
+    (folder(tmp_path) / "af_nicole.meta.json").write_bytes(b"{not json")
+    assert await volume.read_meta(KEY) is None
+    assert files_under(tmp_path) == ["tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_lookups_refuse_invalid_keys(tmp_path: Path, bad: str) -> None:
+    volume = LocalVolume(tmp_path)
+    key = CacheKey(KEY.user, KEY.thread_id, bad, KEY.voice)
+    with pytest.raises(ValueError):
+        await volume.open(key)
+    with pytest.raises(ValueError):
+        await volume.read_meta(key)
+    with pytest.raises(ValueError):
+        await volume.exists(key)
+    with pytest.raises(ValueError):
+        volume.location(key, "audio/mpeg")
+
+
+async def test_ping_is_whether_the_folder_or_its_nearest_parent_is_writable(
     tmp_path: Path,
 ) -> None:
-    before = thread_nice_values()
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    volume = LocalVolume(tmp_path)
-    keys = [CacheKey("alice@example.com", "t-9", f"m-{n}", "af_nicole") for n in range(12)]
-    try:
-        await asyncio.gather(*(volume.put(key, entry()) for key in keys))
-        during = thread_nice_values()
-        found = [await volume.get(key) for key in keys]
-    finally:
-        await volume.aclose()
-    assert all(item is not None and item.body == entry().body for item in found)
-    writers = {during[tid] for tid in during if tid not in before}
-    # Four low-priority writers had their hands full: the rest went to normal-priority ones.
-    assert writers == {ours, min(19, ours + BACKGROUND_NICE)}
+    assert await LocalVolume(tmp_path / "not" / "made" / "yet").ping() is True
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_bytes(b"")
+    assert await LocalVolume(not_a_folder / "below").ping() is False

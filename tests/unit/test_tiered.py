@@ -38,6 +38,12 @@ class DictVolume:
         self.calls.append("get")
         return self.entries.get(key)
 
+    def get_nowait(self, key: CacheKey) -> Entry | None:
+        return None  # every read of this Volume awaits
+
+    async def open(self, key: CacheKey) -> Entry | None:
+        return await self.get(key)
+
     async def put(self, key: CacheKey, entry: Entry) -> None:
         self.calls.append("put")
         self.entries[key] = entry

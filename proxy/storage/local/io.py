@@ -1,0 +1,247 @@
+"""The local Volume's I/O: its threads, its per-key locks and its file primitives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from proxy.speak import CacheKey
+from proxy.storage.entry import EntryMeta
+from proxy.storage.layout import (
+    MAX_SIDECAR_BYTES,
+    TMP_PREFIX,
+    is_object_of,
+    object_names,
+    parse_sidecar,
+    sidecar_name,
+)
+
+T = TypeVar("T")
+
+# How long the event loop waits for a read thread's answer before awaiting it instead, and how
+# long it then awaits at once (see VolumeThreads.read).
+READ_WAIT_SECONDS: Final = 0.0005
+READ_WAIT_BACKOFF_SECONDS: Final = 1.0
+READ_THREADS: Final = 4
+WRITE_THREADS: Final = 4
+# How much lower the write threads' CPU priority is than the event loop's (nice steps).
+BACKGROUND_NICE: Final = 10
+LOCK_STRIPES: Final = 64
+
+
+class KeyLocks:
+    """Striped thread locks that serialise operations on one key in this process.
+
+    A reader must not see an old sidecar beside a new object (and then remove both as corrupt).
+    The locks are taken inside the worker thread: a cancelled await does not release a lock a
+    thread holds.
+    """
+
+    def __init__(self, stripes: int = LOCK_STRIPES) -> None:
+        self._stripes = tuple(threading.Lock() for _ in range(stripes))
+
+    def of(self, key: CacheKey) -> threading.Lock:
+        """The lock of `key`'s stripe."""
+        return self._stripes[hash(key) % len(self._stripes)]
+
+
+class VolumeThreads:
+    """Where the local Volume's blocking work runs: read threads, and write threads behind them.
+
+    Reads get threads of their own: a hit or a miss's lookup must not queue behind writes waiting
+    for fsync, nor behind the janitor's walks. Writes and walks are background work: their threads
+    run at a lower CPU priority, so that on a busy CPU the event loop, serving, is not kept waiting
+    by them. Writes past what those threads have in hand go to normal-priority threads, so the
+    write backlog cannot grow without bound on a saturated CPU.
+    """
+
+    def __init__(self) -> None:
+        self._read_pool = ThreadPoolExecutor(
+            max_workers=READ_THREADS, thread_name_prefix="volume-read"
+        )
+        self._write_pool = ThreadPoolExecutor(
+            max_workers=WRITE_THREADS,
+            thread_name_prefix="volume-write",
+            initializer=lower_thread_priority,
+        )
+        self._catch_up_pool = ThreadPoolExecutor(
+            max_workers=WRITE_THREADS, thread_name_prefix="volume-write-now"
+        )
+        self._writes_in_hand = 0
+        self._wait_again_at = 0.0
+
+    async def read(self, work: Callable[..., T], *args: Any) -> T:
+        """`work` in a read thread, its answer waited for on the loop for READ_WAIT_SECONDS.
+
+        A read on a local folder mostly takes tens of microseconds (a miss is one lstat).
+        Awaiting it costs two turns of the event loop, the thread's wake-up and then the
+        loop's, which under load are most of a millisecond on a miss's time to first byte. So
+        the loop waits for the answer, at most READ_WAIT_SECONDS (a bound on how long the loop
+        can be held, like any short computation), then awaits it like any other. After a wait
+        ran out (a cold disk), reads are awaited at once for READ_WAIT_BACKOFF_SECONDS.
+        """
+        future = self._read_pool.submit(work, *args)
+        if time.monotonic() >= self._wait_again_at:
+            try:
+                return future.result(timeout=READ_WAIT_SECONDS)
+            except FutureTimeout:
+                self._wait_again_at = time.monotonic() + READ_WAIT_BACKOFF_SECONDS
+        return await asyncio.wrap_future(future)
+
+    async def read_awaited(self, work: Callable[..., T], *args: Any) -> T:
+        """`work` in a read thread, awaited at once (a read off the hit path)."""
+        return await _run_in(self._read_pool, work, *args)
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
+        """`work` in a low-priority write thread, or a normal-priority one when those are busy."""
+        if self._writes_in_hand >= WRITE_THREADS:
+            return await _run_in(self._catch_up_pool, work, *args)
+        self._writes_in_hand += 1
+        try:
+            return await _run_in(self._write_pool, work, *args)
+        finally:
+            self._writes_in_hand -= 1
+
+    async def background(self, work: Callable[..., T], *args: Any) -> T:
+        """`work` in a low-priority write thread, queued behind the writes (deletes, walks)."""
+        return await _run_in(self._write_pool, work, *args)
+
+    async def aclose(self) -> None:
+        """Let queued work finish, then stop the threads."""
+        for pool in (self._read_pool, self._write_pool, self._catch_up_pool):
+            await asyncio.to_thread(pool.shutdown, wait=True)
+
+
+async def _run_in(pool: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+
+
+def lower_thread_priority(steps: int = BACKGROUND_NICE) -> None:
+    """Raise the calling thread's nice value by `steps` (Linux, where each thread has its own)."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+
+
+# File primitives: each is called from a worker thread.
+
+
+def resolve_under(root: Path, path: Path) -> Path:
+    """`path` resolved (links followed); ValueError when that leaves `root`."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError("path escapes the volume root")
+    return resolved
+
+
+def make_folder(folder: str) -> bool:
+    """Create a message folder (and its parents when missing); True when it was new."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+    return True
+
+
+def write_synced(folder: str, data: bytes) -> str:
+    """`data` in a new temporary file in `folder`, synced to disk; returns the file's path."""
+    path = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with memoryview(data) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        discard(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names in `folder` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        # Some filesystems refuse fsync on a directory; the rename itself has happened.
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_bounded(path: Path, limit: int) -> bytes | None:
+    """The file's bytes, or None when it is larger than `limit`."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size > limit:
+            return None
+        data = handle.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
+def discard(path: str) -> None:
+    """Remove the file at `path`, if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def unlink_counted(path: Path) -> int:
+    """Remove the file at `path`: 1 when it went, 0 when it was not there."""
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    return 1
+
+
+def folder_writable(root: Path) -> bool:
+    """True when the Volume folder (or, before its first write, its nearest parent) is writable."""
+    path = root
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def load_sidecar(folder: Path, key: CacheKey) -> tuple[bool, tuple[EntryMeta, str] | None]:
+    """(whether a sidecar file is there, its parsed content when it is valid for `key`)."""
+    try:
+        raw = read_bounded(folder / sidecar_name(key.voice), MAX_SIDECAR_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        return False, None
+    return True, parse_sidecar(raw, key) if raw is not None else None
+
+
+def remove_entry(folder: Path, voice: str) -> None:
+    """Remove one entry's sidecar and its objects in every format, those that are there."""
+    # Sidecar first: from then on a reader sees a miss, whatever objects remain.
+    with contextlib.suppress(NotADirectoryError):
+        (folder / sidecar_name(voice)).unlink(missing_ok=True)
+        for name in object_names(voice):
+            (folder / name).unlink(missing_ok=True)
+
+
+def remove_other_objects(folder: str, voice: str, keep: str) -> None:
+    """Remove the objects of `voice` in another format than `keep` (its content type changed)."""
+    for name in os.listdir(folder):
+        if name != keep and is_object_of(name, voice):
+            discard(os.path.join(folder, name))

@@ -1,0 +1,390 @@
+"""LocalVolume: the durable tier on a local folder, written atomically and verified on read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from proxy.speak import CacheKey
+from proxy.storage.breaker import BreakerState
+from proxy.storage.entry import Entry, EntryInfo, EntryMeta
+from proxy.storage.layout import (
+    encode_sidecar,
+    object_name,
+    prefix_parts,
+    prefix_segments,
+    require_valid,
+    sidecar_name,
+)
+from proxy.storage.local import maintenance
+from proxy.storage.local.io import (
+    KeyLocks,
+    VolumeThreads,
+    discard,
+    folder_writable,
+    fsync_dir,
+    load_sidecar,
+    make_folder,
+    read_bounded,
+    remove_entry,
+    remove_other_objects,
+    resolve_under,
+    write_synced,
+)
+
+_FOLDER_CACHE: Final = 4_096
+_VERIFIED_CACHE: Final = 4_096
+_HIT_PRECISION_SECONDS: Final = 60.0
+# The largest read buffer get_nowait keeps between hits.
+_SCRATCH_LIMIT: Final = 2 * 1024 * 1024
+_NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None)
+
+
+class LocalVolume:
+    """The durable tier on a local folder.
+
+    Layout (`proxy.storage.layout`) under `{root}/{prefix}`. Ids are validated before they become
+    path segments, and every path is checked to stay under the root. The sidecar is written after
+    its object, so it never names an incomplete object.
+    """
+
+    name = "volume"
+    kind = "local"
+
+    def __init__(self, root: str | Path, prefix: str = "tts_audio") -> None:
+        segments = prefix_segments(prefix)
+        self.root = Path(root).resolve()
+        self.prefix = prefix
+        self.base = self.root.joinpath(*segments)
+        self._locks = KeyLocks()
+        self._threads = VolumeThreads()
+        # Folders resolved once (resolving walks every path component with a syscall).
+        self._folders: dict[tuple[str, str, str], Path] = {}
+        # What was verified, by the file identities it was verified on: a hit whose sidecar and
+        # object are still those files (same inode, size, mtime) skips re-hashing the body.
+        # Writes replace files by rename, so any rewrite shows up as another inode.
+        self._verified: dict[CacheKey, _Verified] = {}
+        self._last_hit_recorded: dict[CacheKey, float] = {}
+        # get_nowait's read buffer, as large as the largest entry read on the loop so far.
+        self._scratch = bytearray()
+
+    @property
+    def breaker_state(self) -> BreakerState | None:
+        """None: a local folder has no circuit breaker."""
+        return None
+
+    @property
+    def walkable(self) -> bool:
+        """True: the folder is listed without anyone's token."""
+        return True
+
+    def describe(self) -> str:
+        """The Volume's kind and health, in words, for the dashboard."""
+        return "local folder (no breaker)"
+
+    def get_nowait(self, key: CacheKey) -> Entry | None:
+        """A hit read on the event loop, only when it cannot block; None means "ask get()".
+
+        Only entries verified before qualify (their folder and files are in the kernel's
+        caches), and the body is read with RWF_NOWAIT: data not in the page cache makes the
+        read fail at once instead of waiting for the disk.
+        """
+        known = self._verified.get(key)
+        if known is None or _NOWAIT is None:
+            return None
+        length = known.meta.length
+        try:
+            sidecar = os.stat(known.sidecar_path)
+            fd = os.open(known.object_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if (sidecar.st_ino, sidecar.st_size) != known.sidecar:
+                return None
+            if _identity(os.fstat(fd)) != known.object:
+                return None
+            # Into one reused buffer (this runs on the event loop only), then one copy out:
+            # a fresh bytearray per hit would be zeroed first, and at 1 MiB mapped page by page.
+            scratch = self._scratch
+            if len(scratch) < length:
+                scratch = bytearray(length)
+                if length <= _SCRATCH_LIMIT:  # larger entries are rare: no buffer kept for them
+                    self._scratch = scratch
+            with memoryview(scratch)[:length] as window:
+                if os.preadv(fd, [window], 0, _NOWAIT) != length:
+                    return None
+                body = window.tobytes()
+        except OSError:
+            return None  # EAGAIN: not in the page cache; the thread will wait for the disk
+        finally:
+            os.close(fd)
+        if time.monotonic() - self._last_hit_recorded.get(key, -_HIT_PRECISION_SECONDS) >= (
+            _HIT_PRECISION_SECONDS
+        ):
+            return None  # time to record a hit: that write belongs in the thread
+        return Entry(known.meta, body)
+
+    def location(self, key: CacheKey, content_type: str) -> str:
+        """Where the object for `key` lives (what the index and legacy metadata record)."""
+        require_valid(key)
+        return str(self._folder(key) / object_name(key, content_type))
+
+    async def get(self, key: CacheKey) -> Entry | None:
+        """The entry under `key`, or None; a corrupt or malformed entry is removed and missed."""
+        require_valid(key)
+        return await self._threads.read(self._get_sync, key)
+
+    async def open(self, key: CacheKey) -> Entry | None:
+        """The same as get: a local read is whole, never streamed."""
+        return await self.get(key)
+
+    async def read_meta(self, key: CacheKey) -> EntryMeta | None:
+        """The sidecar's metadata without the body; None when absent or malformed (kept as is)."""
+        require_valid(key)
+        return await self._threads.read_awaited(self._read_meta_sync, key)
+
+    async def put(self, key: CacheKey, entry: Entry) -> None:
+        """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
+        require_valid(key)
+        await self._threads.write(self._put_sync, key, entry)
+
+    async def delete(self, key: CacheKey) -> None:
+        """Remove the entry under `key`, if any."""
+        require_valid(key)
+        await self._threads.background(self._delete_sync, key)
+
+    async def exists(self, key: CacheKey) -> bool:
+        """True when `key` has a valid sidecar and an object of the length it records."""
+        require_valid(key)
+        return await self._threads.read_awaited(self._exists_sync, key)
+
+    async def ping(self) -> bool:
+        """True when the folder (or, before its first write, its nearest parent) is writable."""
+        return await asyncio.to_thread(folder_writable, self.root)
+
+    async def delete_prefix(
+        self, user: str, thread_id: str | None = None, message_id: str | None = None
+    ) -> int:
+        """Remove a user's, a thread's or a message's entries; return how many entries went."""
+        parts = prefix_parts(user, thread_id, message_id)
+        return await self._threads.background(
+            maintenance.delete_prefix, self.root, self.base, parts
+        )
+
+    async def list_entries(
+        self,
+        user: str | None = None,
+        thread_id: str | None = None,
+        message_id: str | None = None,
+    ) -> AsyncIterator[EntryInfo]:
+        """Every entry under the base, a user, a thread or a message, with scan's figures."""
+        if user is not None:
+            prefix_parts(user, thread_id, message_id)
+        elif thread_id is not None or message_id is not None:
+            raise ValueError("thread_id and message_id need user")
+        found = await self._threads.background(
+            maintenance.scan, self.base, user, thread_id, message_id
+        )
+        for info in found:
+            yield info
+
+    async def scan(self) -> list[EntryInfo]:
+        """Every entry with an object: created = object mtime, last hit = sidecar mtime."""
+        return await self._threads.background(maintenance.scan, self.base)
+
+    async def record_hits(self, hits: Mapping[CacheKey, float]) -> bool:
+        """Move the sidecars' mtimes forward to hits seen elsewhere (memory); True: kept here."""
+        await self._threads.background(maintenance.record_hits, self.root, self.base, dict(hits))
+        return True
+
+    async def clean_leftovers(self) -> int:
+        """Remove temporary files a crash left behind; return how many."""
+        return await self._threads.background(maintenance.clean_leftovers, self.base)
+
+    async def clean_orphans(self, *, limit: int, older_than: float) -> int:
+        """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
+
+        What counts as a leftover, and what is left alone: `maintenance.clean_orphans`.
+        """
+        return await self._threads.background(
+            maintenance.clean_orphans, self.base, self._locks, limit, older_than
+        )
+
+    async def aclose(self) -> None:
+        """Let queued operations finish, then stop the threads."""
+        await self._threads.aclose()
+
+    # Everything below runs in a worker thread.
+
+    def _folder(self, key: CacheKey) -> Path:
+        """The key's message folder, resolved and checked to be under the root."""
+        return resolve_under(self.root, self.base / key.user / key.thread_id / key.message_id)
+
+    def _entry_folder(self, key: CacheKey) -> Path:
+        """The key's message folder, from the cache of folders resolved before."""
+        parts = (key.user, key.thread_id, key.message_id)
+        folder = self._folders.get(parts)
+        if folder is None:
+            folder = self._folder(key)
+            if len(self._folders) >= _FOLDER_CACHE:
+                self._folders.clear()
+            self._folders[parts] = folder
+        return folder
+
+    def _get_sync(self, key: CacheKey) -> Entry | None:
+        parts = (key.user, key.thread_id, key.message_id)
+        if parts not in self._folders and not os.path.lexists(
+            os.path.join(self.base, *parts, sidecar_name(key.voice))
+        ):
+            # A miss, told by one stat: resolving (and checking) the folder, a syscall per
+            # path component, is for entries that are there.
+            return None
+        folder = self._entry_folder(key)
+        with self._locks.of(key):
+            known = self._verified.get(key)
+            if known is not None:
+                entry = self._reread(folder, key, known)
+                if entry is not None:
+                    return entry
+                self._verified.pop(key, None)
+            present, parsed = load_sidecar(folder, key)
+            if parsed is None:
+                if present:
+                    remove_entry(folder, key.voice)
+                return None
+            meta, name = parsed
+            try:
+                body = read_bounded(folder / name, meta.length)
+            except FileNotFoundError:
+                body = None
+            entry = Entry(meta, body) if body is not None else None
+            if entry is None or not entry.intact():
+                remove_entry(folder, key.voice)
+                return None
+            self._remember(folder, key, meta, name)
+            self._note_hit(folder, key)
+            return entry
+
+    def _reread(self, folder: Path, key: CacheKey, known: _Verified) -> Entry | None:
+        """The entry again, when its sidecar and object are the very files verified before."""
+        try:
+            sidecar = os.stat(known.sidecar_path)
+            with open(known.object_path, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                if (sidecar.st_ino, sidecar.st_size) != known.sidecar or _identity(
+                    status
+                ) != known.object:
+                    return None
+                body = handle.read(known.meta.length + 1)
+        except OSError:
+            return None
+        if len(body) != known.meta.length:
+            return None
+        self._note_hit(folder, key)
+        return Entry(known.meta, body)
+
+    def _remember(self, folder: Path, key: CacheKey, meta: EntryMeta, name: str) -> None:
+        sidecar_path = str(folder / sidecar_name(key.voice))
+        object_path = str(folder / name)
+        try:
+            sidecar = os.stat(sidecar_path)
+            status = os.stat(object_path)
+        except OSError:
+            return
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[key] = _Verified(
+            meta,
+            object_path,
+            sidecar_path,
+            (sidecar.st_ino, sidecar.st_size),
+            _identity(status),
+        )
+
+    def _note_hit(self, folder: Path, key: CacheKey) -> None:
+        # The janitor reads the sidecar's mtime as the last hit; a minute's precision is plenty,
+        # and it spares a syscall on most hits.
+        now = time.monotonic()
+        if now - self._last_hit_recorded.get(key, -_HIT_PRECISION_SECONDS) < _HIT_PRECISION_SECONDS:
+            return
+        if len(self._last_hit_recorded) >= _VERIFIED_CACHE:
+            self._last_hit_recorded.clear()
+        self._last_hit_recorded[key] = now
+        _record_hit(folder / sidecar_name(key.voice))
+
+    def _put_sync(self, key: CacheKey, entry: Entry) -> None:
+        if not entry.intact():
+            raise ValueError("entry body disagrees with its metadata")
+        folder = self._entry_folder(key)
+        name, sidecar_bytes = encode_sidecar(key, entry.meta)
+        where = str(folder)
+        with self._locks.of(key):
+            created = make_folder(where)
+            # Both files are written and synced under temporary names, then renamed object first,
+            # sidecar last (a reader never sees a sidecar before its object), then one folder
+            # sync makes both names durable. After a crash between the renames and that sync, a
+            # sidecar may have outlived its object's rename: the read verifies the object's length
+            # and digest against the sidecar, so such an entry is removed and missed, not served.
+            object_tmp = write_synced(where, entry.body)
+            try:
+                sidecar_tmp = write_synced(where, sidecar_bytes)
+            except BaseException:
+                discard(object_tmp)
+                raise
+            try:
+                os.replace(object_tmp, os.path.join(where, name))
+                os.replace(sidecar_tmp, os.path.join(where, sidecar_name(key.voice)))
+            except BaseException:
+                discard(object_tmp)
+                discard(sidecar_tmp)
+                raise
+            fsync_dir(folder)
+            if not created:
+                remove_other_objects(where, key.voice, keep=name)
+
+    def _delete_sync(self, key: CacheKey) -> None:
+        folder = self._folder(key)
+        with self._locks.of(key):
+            remove_entry(folder, key.voice)
+
+    def _exists_sync(self, key: CacheKey) -> bool:
+        folder = self._folder(key)
+        with self._locks.of(key):
+            _, parsed = load_sidecar(folder, key)
+            if parsed is None:
+                return False
+            meta, name = parsed
+            try:
+                return (folder / name).stat().st_size == meta.length
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+    def _read_meta_sync(self, key: CacheKey) -> EntryMeta | None:
+        folder = self._folder(key)
+        with self._locks.of(key):
+            _, parsed = load_sidecar(folder, key)
+        return parsed[0] if parsed is not None else None
+
+
+class _Verified(NamedTuple):
+    meta: EntryMeta
+    object_path: str  # strings, not Paths: joined once, not on every hit
+    sidecar_path: str
+    sidecar: tuple[int, int]  # inode, size: its mtime moves with every recorded hit
+    object: tuple[int, int, int]  # inode, size, mtime in ns
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int]:
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _record_hit(sidecar: Path) -> None:
+    # The sidecar's mtime is the entry's last hit: one syscall in the thread already reading it,
+    # and the object's own mtime stays its creation time. A read-only Volume still serves.
+    with contextlib.suppress(OSError):
+        os.utime(sidecar)

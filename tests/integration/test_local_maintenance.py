@@ -1,0 +1,115 @@
+"""The local Volume's walks: removing subtrees, clearing leftovers, listing entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.speak import CacheKey
+from proxy.storage.entry import EntryInfo
+from proxy.storage.local import LocalVolume
+from tests.local_volume import BAD_IDS, KEY, entry, files_under, folder
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_delete_prefix_refuses_invalid_ids(tmp_path: Path, bad: str) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(bad)
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(KEY.user, bad)
+    with pytest.raises(ValueError):
+        await volume.delete_prefix(KEY.user, KEY.thread_id, bad)
+    assert await volume.get(KEY) is not None
+
+
+async def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    here = folder(tmp_path)
+    (here / ".tmp-0123abcd").write_bytes(b"half an object")
+    (here.parent / ".tmp-deadbeef").write_bytes(b"")
+    (tmp_path / "tts_audio" / ".tmp-x").write_bytes(b"{")
+
+    assert await volume.clean_leftovers() == 3
+
+    assert await volume.get(KEY) == entry()
+    assert files_under(tmp_path) == [
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.meta.json",
+        "tts_audio/alice@example.com/t-9/m-123/af_nicole.mp3",
+    ]
+    assert await volume.clean_leftovers() == 0
+
+
+async def test_clean_leftovers_on_an_empty_root(tmp_path: Path) -> None:
+    assert await LocalVolume(tmp_path / "absent").clean_leftovers() == 0
+
+
+async def test_delete_prefix_removes_a_subtree(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    keys = [
+        CacheKey("alice", "t-1", "m-1", "v1"),
+        CacheKey("alice", "t-1", "m-1", "v2"),
+        CacheKey("alice", "t-1", "m-2", "v1"),
+        CacheKey("alice", "t-2", "m-3", "v1"),
+        CacheKey("bob", "t-1", "m-1", "v1"),
+    ]
+    for key in keys:
+        await volume.put(key, entry())
+
+    assert await volume.delete_prefix("alice", "t-1", "m-1") == 2
+    assert await volume.get(keys[0]) is None
+    assert await volume.get(keys[2]) is not None
+    assert await volume.delete_prefix("alice", "t-1") == 1
+    assert await volume.delete_prefix("alice") == 1
+    assert await volume.delete_prefix("alice") == 0
+    assert await volume.get(keys[4]) is not None
+    with pytest.raises(ValueError):
+        await volume.delete_prefix("alice", None, "m-1")
+
+
+async def test_list_entries_gives_the_scan_figures_under_a_prefix(tmp_path: Path) -> None:
+    volume = LocalVolume(tmp_path)
+    keys = [
+        CacheKey("alice", "t-1", "m-1", "v1"),
+        CacheKey("alice", "t-1", "m-1", "v2"),
+        CacheKey("alice", "t-1", "m-2", "v1"),
+        CacheKey("alice", "t-2", "m-3", "v1"),
+        CacheKey("bob", "t-1", "m-1", "v1"),
+    ]
+    for key in keys:
+        await volume.put(key, entry())
+    scanned = {info.key: info for info in await volume.scan()}
+    assert set(scanned) == set(keys)
+    assert {info.bytes for info in scanned.values()} == {len(entry().body)}
+
+    async def listed(*ids: str | None) -> dict[CacheKey, EntryInfo]:
+        return {info.key: info async for info in volume.list_entries(*ids)}
+
+    assert await listed() == scanned
+    assert await listed("alice") == {key: scanned[key] for key in keys[:4]}
+    assert await listed("alice", "t-1") == {key: scanned[key] for key in keys[:3]}
+    assert await listed("alice", "t-1", "m-1") == {key: scanned[key] for key in keys[:2]}
+    assert await listed("nobody") == {}
+    for ids in [(None, "t-1"), ("alice", None, "m-1"), ("../x",), ("alice", "..")]:
+        with pytest.raises(ValueError):
+            await listed(*ids)
+
+
+async def test_walks_do_not_follow_a_link_out_of_the_root(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    elsewhere = LocalVolume(outside)
+    await elsewhere.put(KEY, entry())
+    root = tmp_path / "volume"
+    (root / "tts_audio").mkdir(parents=True)
+    (root / "tts_audio" / KEY.user).symlink_to(
+        outside / "tts_audio" / KEY.user, target_is_directory=True
+    )
+    volume = LocalVolume(root)
+
+    assert await volume.scan() == []
+    assert [info async for info in volume.list_entries(KEY.user)] == []
+    assert await volume.clean_orphans(limit=10, older_than=float("inf")) == 0
+    assert await elsewhere.get(KEY) == entry()
