@@ -31,6 +31,7 @@ from proxy.policy import Admission
 from proxy.readiness import Readiness, readiness_session
 from proxy.request_context import Handler, with_request_id
 from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
+from proxy.routes.passthrough import Passthrough
 from proxy.routes.speak import SpeakHandler
 from proxy.speak import CacheKey
 from proxy.stats import CacheStats
@@ -50,6 +51,7 @@ IDENTITY: Final = web.AppKey("identity", IdentityResolver)
 STATS: Final = web.AppKey("stats", CacheStats)
 FLIGHTS: Final = web.AppKey("flights", Flights)
 UPSTREAM: Final = web.AppKey("upstream", HttpUpstream)
+PASSTHROUGH: Final = web.AppKey("passthrough", Passthrough)
 CACHE: Final = web.AppKey("cache", TieredCache)
 INDEX: Final = web.AppKey("index", PostgresIndex)
 LEGACY: Final = web.AppKey("legacy", LegacyMessages)
@@ -167,13 +169,14 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """Everything else goes to the legacy backend untouched."""
     app = request.app
     headers = app[IDENTITY].forwardable_headers(request)
-    return await app[UPSTREAM].forward(request, headers)
+    return await app[PASSTHROUGH].forward(request, headers)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     session = client_session(settings.upstream)
-    app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
+    upstream = app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
+    app[PASSTHROUGH] = Passthrough(upstream, session)
     chain = build_synthesizer(settings, session)
     if chain is not None:
         app[SYNTHESIZER] = chain
@@ -230,7 +233,7 @@ async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
 
 def _index_password(settings: IndexSettings) -> Password | None:
     if settings.password_from == "databricks":
-        from proxy.databricks_auth import lakebase_password
+        from proxy.index.lakebase import lakebase_password
 
         return lakebase_password
     return settings.password or None
@@ -276,7 +279,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         identity=app[IDENTITY],
         cache=get_state(app, CACHE),
         flights=app[FLIGHTS],
-        passthrough=upstream,
+        passthrough=app[PASSTHROUGH],
         synthesizer=app.get(SYNTHESIZER, upstream),
         stats=app[STATS],
         index=app.get(INDEX),

@@ -23,13 +23,13 @@ class OwnershipCheck:
         legacy: LegacyMessages | None,
         *,
         cache_seconds: float,
-        timer: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         max_entries: int = 100_000,
     ) -> None:
         self._legacy = legacy
         # Only positive answers are remembered: a message may gain an owner, not change one.
         self._owned: TTLCache[tuple[str, str], bool] | None = (
-            TTLCache(maxsize=max_entries, ttl=cache_seconds, timer=timer)
+            TTLCache(maxsize=max_entries, ttl=cache_seconds, timer=clock)
             if cache_seconds > 0
             else None
         )

@@ -16,11 +16,11 @@ from proxy.index.pool import IndexUnavailable
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.purge import purge
+from proxy.routes.responses import json_error
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.scope import BadScope, Scope
 from proxy.storage.tiered import TieredCache
-from proxy.upstreams.http import json_error
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import hmac
 
 from aiohttp import hdrs, web
 
-from proxy.upstreams.http import json_error
+from proxy.routes.responses import json_error
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:

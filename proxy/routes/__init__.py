@@ -1,1 +1,1 @@
-"""The route handlers: the speak handler, the audio URL (the pass-through lives in upstreams/)."""
+"""The route handlers: the speak handler, the audio URL, the pass-through, shared responses."""

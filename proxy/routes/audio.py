@@ -10,10 +10,10 @@ from proxy.headers import X_TTS_CACHE, meta_headers
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
+from proxy.routes.responses import json_error
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.tiered import TieredCache
-from proxy.upstreams.http import json_error
 
 AUDIO_ROUTE = "/_proxy/audio/{thread}/{message}/{voice}"
 

@@ -34,6 +34,8 @@ from proxy.request_context import (
     request_id,
     stamp_request_id,
 )
+from proxy.routes.passthrough import Passthrough
+from proxy.routes.responses import abort_connection, json_error
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
@@ -41,13 +43,7 @@ from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
-from proxy.upstreams.http import (
-    HttpUpstream,
-    abort_connection,
-    end_to_end,
-    json_error,
-    outgoing_headers,
-)
+from proxy.upstreams.http import end_to_end, outgoing_headers
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +98,7 @@ class SpeakHandler:
     identity: IdentityResolver
     cache: TieredCache
     flights: Flights
-    passthrough: HttpUpstream
+    passthrough: Passthrough
     synthesizer: Upstream
     stats: CacheStats
     index: PostgresIndex | None = None
@@ -134,7 +130,7 @@ class SpeakHandler:
                 return json_error(413, f"request body is larger than {limit} bytes")
         else:
             try:
-                body = await read_bounded(request, limit)
+                body = await read_request_body(request, limit)
             except BodyTooLarge:
                 return json_error(413, f"request body is larger than {limit} bytes")
         # 2-4. what is asked, by whom, and whether it may be cached
@@ -312,7 +308,7 @@ class SpeakHandler:
         log.debug("stored %s (%d bytes)", key.digest(), entry.meta.length)
 
 
-async def read_bounded(request: web.BaseRequest, limit: int) -> bytes:
+async def read_request_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole request body, or BodyTooLarge as soon as it passes `limit`."""
     length = request.content_length
     if length is not None:

@@ -26,14 +26,14 @@ class MemoryTier:
         max_bytes: int,
         ttl_seconds: float,
         max_entry_bytes: int,
-        timer: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_bytes < 0 or ttl_seconds < 0 or max_entry_bytes < 0:
             raise ValueError("memory tier limits must be 0 or more")
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self.max_entry_bytes = max_entry_bytes
-        self._timer = timer
+        self._clock = clock
         # An LRU in one OrderedDict (least recently used first) with the deadline beside each
         # entry: a hit, the hot path, is one lookup and one move_to_end, both in C.
         self._cache: OrderedDict[CacheKey, _Stored] | None = (
@@ -78,7 +78,7 @@ class MemoryTier:
         stored = cache.get(key)
         if stored is None:
             return None
-        if stored.expires_at and self._timer() >= stored.expires_at:
+        if stored.expires_at and self._clock() >= stored.expires_at:
             self._remove(key)
             return None
         cache.move_to_end(key)
@@ -99,7 +99,7 @@ class MemoryTier:
             _, evicted = cache.popitem(last=False)
             self._bytes -= evicted.entry.size
             excess -= evicted.entry.size
-        expires_at = self._timer() + self.ttl_seconds if self.ttl_seconds else 0.0
+        expires_at = self._clock() + self.ttl_seconds if self.ttl_seconds else 0.0
         cache[key] = _Stored(entry, expires_at)
         self._bytes += entry.size
 
@@ -151,6 +151,6 @@ class MemoryTier:
         cache = self._cache
         if cache is None or not self.ttl_seconds:
             return
-        now = self._timer()
+        now = self._clock()
         for key in [k for k, stored in cache.items() if stored.expires_at <= now]:
             self._remove(key)

@@ -14,10 +14,11 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config import ConfigError, Settings, UpstreamSettings, load_settings
+from proxy.routes.responses import json_error
 from proxy.speak import SpeakRequest
 from proxy.upstreams.base import SpeakCall, UpstreamError, UpstreamResponse
 from proxy.upstreams.deepgram import DeepgramUpstream
-from proxy.upstreams.http import client_session, json_error
+from proxy.upstreams.http import client_session
 from proxy.upstreams.providers import (
     AllProvidersFailed,
     MissingCredential,

@@ -59,7 +59,7 @@ async def test_least_recently_used_is_evicted_first() -> None:
 
 async def test_entries_expire_after_ttl() -> None:
     clock = Clock()
-    tier = MemoryTier(max_bytes=1_000_000, ttl_seconds=10, max_entry_bytes=100_000, timer=clock)
+    tier = MemoryTier(max_bytes=1_000_000, ttl_seconds=10, max_entry_bytes=100_000, clock=clock)
     tier.put_nowait(key(1), entry(100))
     clock.now += 9.9
     assert tier.get_nowait(key(1)) is not None
@@ -71,7 +71,7 @@ async def test_entries_expire_after_ttl() -> None:
 
 async def test_ttl_zero_means_no_expiry() -> None:
     clock = Clock()
-    tier = MemoryTier(max_bytes=1_000_000, ttl_seconds=0, max_entry_bytes=100_000, timer=clock)
+    tier = MemoryTier(max_bytes=1_000_000, ttl_seconds=0, max_entry_bytes=100_000, clock=clock)
     tier.put_nowait(key(1), entry(100))
     clock.now += 10 * 365 * 86_400
     assert tier.get_nowait(key(1)) is not None

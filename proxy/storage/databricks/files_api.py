@@ -259,7 +259,7 @@ class FilesApi:
                 body: bytes | None = b""
             else:
                 bound = limit if response.status < 300 else _ERROR_BODY_LIMIT
-                body = await _read_bounded(response, bound)
+                body = await _read_body_bounded(response, bound)
             return Reply(response.status, response.headers, body)
         finally:
             response.release()
@@ -297,7 +297,7 @@ def _error_code(body: bytes | None) -> str:
     return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else ""
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+async def _read_body_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The body, or None when it is larger than `limit`."""
     if response.content_length is not None and response.content_length > limit:
         return None

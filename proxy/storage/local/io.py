@@ -188,7 +188,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_bounded(path: Path, limit: int) -> bytes | None:
+def read_file_bounded(path: Path, limit: int) -> bytes | None:
     """The file's bytes, or None when it is larger than `limit`."""
     with path.open("rb") as handle:
         if os.fstat(handle.fileno()).st_size > limit:
@@ -225,7 +225,7 @@ def folder_writable(root: Path) -> bool:
 def load_sidecar(folder: Path, key: CacheKey) -> tuple[bool, tuple[EntryMeta, str] | None]:
     """(whether a sidecar file is there, its parsed content when it is valid for `key`)."""
     try:
-        raw = read_bounded(folder / sidecar_name(key.voice), MAX_SIDECAR_BYTES)
+        raw = read_file_bounded(folder / sidecar_name(key.voice), MAX_SIDECAR_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return False, None
     return True, parse_sidecar(raw, key) if raw is not None else None

@@ -30,7 +30,7 @@ from proxy.storage.local.io import (
     fsync_dir,
     load_sidecar,
     make_folder,
-    read_bounded,
+    read_file_bounded,
     remove_entry,
     remove_other_objects,
     resolve_under,
@@ -259,7 +259,7 @@ class LocalVolume:
                 return None
             meta, name = parsed
             try:
-                body = read_bounded(folder / name, meta.length)
+                body = read_file_bounded(folder / name, meta.length)
             except FileNotFoundError:
                 body = None
             entry = Entry(meta, body) if body is not None else None

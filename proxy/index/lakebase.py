@@ -1,4 +1,4 @@
-"""Databricks unified auth, off the event loop: tokens for Lakebase and the Files API."""
+"""The Lakebase password: the app's Databricks OAuth token, fetched off the event loop."""
 
 from __future__ import annotations
 
