@@ -1,4 +1,4 @@
-"""`tts-cache-proxy serve | check-config | demo`."""
+"""`tts-cache-proxy serve | check-config | purge | demo`: the command line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The /speak contract: what a request asks for, whether it may be cached, and its key."""
+"""The /speak contract: what a request asks for (SpeakRequest), its entry key, valid ids."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Cache tiers: memory, Volume, and the tiered composition."""
+"""Cache storage: the entry record, the tier contracts, memory, the tiered cache, the Volumes."""
