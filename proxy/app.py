@@ -32,6 +32,7 @@ from proxy.readiness import Readiness, readiness_session
 from proxy.request_context import Handler, with_request_id
 from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
 from proxy.routes.passthrough import Passthrough
+from proxy.routes.responses import json_error
 from proxy.routes.speak import SpeakHandler
 from proxy.speak import CacheKey
 from proxy.stats import CacheStats
@@ -112,6 +113,8 @@ def create_app(settings: Settings) -> web.Application:
     speak = app[SPEAK_ROUTE] = SpeakRoute()
     for path in settings.tts.speak_paths:
         add("POST", path, speak.handle)
+    # The proxy's own space never reaches the backend: what it does not serve is its own 404.
+    add("*", "/_proxy/{tail:.*}", proxy_not_found)
     add("*", "/{tail:.*}", forward)
     return app
 
@@ -163,6 +166,11 @@ async def admin_purge(request: web.Request) -> web.StreamResponse:
 async def admin_stats(request: web.Request) -> web.StreamResponse:
     """GET /_proxy/admin/api/stats."""
     return await request.app[ADMIN_API].read_stats(request)
+
+
+async def proxy_not_found(request: web.Request) -> web.StreamResponse:
+    """Any /_proxy/* path without a route: a 404 from the proxy, never forwarded."""
+    return json_error(404, "no such proxy path")
 
 
 async def forward(request: web.Request) -> web.StreamResponse:

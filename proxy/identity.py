@@ -9,13 +9,18 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Final, NamedTuple
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from proxy.admin.session import COOKIE_NAME as ADMIN_COOKIE
 from proxy.config import IdentitySettings
-from proxy.headers import X_FORWARDED_HOST, X_FORWARDED_PROTO
+from proxy.headers import X_FORWARDED_FOR
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Connection values that name no header but the hop-by-hop ones (checked without parsing).
+_PLAIN_CONNECTION: Final = frozenset(
+    {None, "close", "keep-alive", "Keep-Alive", "upgrade", "Upgrade"}
+)
 
 # The on-behalf-of token of the request being served, for tiers that act as the user.
 # Tasks started while serving a request (write-behind) inherit it; it is never stored or logged.
@@ -43,14 +48,15 @@ class IdentityResolver:
         self._networks: tuple[Network, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
         )
-        # An untrusted peer may claim neither an identity nor a scheme or host for the backend.
-        headers = [
-            settings.user_header,
-            settings.token_header,
-            X_FORWARDED_PROTO,
-            X_FORWARDED_HOST,
-        ]
-        self._untrusted_drop: Final = tuple(h for h in headers if h)
+        # An untrusted peer may claim neither an identity nor anything else a gateway says about
+        # the caller (identity.untrusted_drop: the Databricks Apps gateway's headers by default).
+        headers = [settings.user_header, settings.token_header, *settings.untrusted_drop]
+        self._untrusted_drop: Final = tuple(istr(h) for h in headers if h)
+        # RFC 9110 7.6.1 lets Connection name headers for removal; headers the proxy or the
+        # backend rely on to know the caller are never removed that way (the request is a 400).
+        self._protected: Final = frozenset(
+            h.lower() for h in (*self._untrusted_drop, X_FORWARDED_FOR, "forwarded")
+        )
         # Peers are few (the proxies in front); parsing an address per request is not free.
         self._verdicts: dict[str, bool] = {}
         self._by_connection: dict[int, tuple[weakref.ref[asyncio.BaseTransport], bool]] = {}
@@ -102,10 +108,18 @@ class IdentityResolver:
         if not (self.trusted_peer(request) if trusted is None else trusted):
             return None
         headers = request.headers
-        user = headers.get(self.user_header, "").strip()
+        users = headers.getall(self.user_header, ())
+        if len(users) != 1 or "," in users[0]:
+            return None  # none, or several: a gateway that appends must not choose for us
+        user = users[0].strip()
         if not user:
             return None
-        token = headers.get(self.token_header) if self.token_header else None
+        token: str | None = None
+        if self.token_header is not None:
+            tokens = headers.getall(self.token_header, ())
+            if len(tokens) > 1 or (tokens and "," in tokens[0]):
+                return None
+            token = tokens[0] if tokens else None
         if token:
             return Identity(user=user, token=token)
         known = self._tokenless.get(user)
@@ -118,16 +132,77 @@ class IdentityResolver:
     def forwardable_headers(
         self, request: web.BaseRequest, *, trusted: bool | None = None
     ) -> CIMultiDictProxy[str] | CIMultiDict[str]:
-        """The request headers to pass upstream: identity headers dropped from untrusted peers."""
+        """The request headers to pass upstream.
+
+        Identity headers are dropped from untrusted peers, and from trusted ones when they are
+        repeated or lists (no identity was believed); the admin session cookie never leaves.
+        Raises ProtectedHeader when Connection names a header the caller's identity rests on.
+        """
+        headers = request.headers
+        connection = headers.getall(hdrs.CONNECTION, ())
+        if connection and (len(connection) > 1 or connection[0].lower() not in _PLAIN_CONNECTION):
+            self._refuse_protected(headers)
         if self.trusted_peer(request) if trusted is None else trusted:
-            return request.headers
-        present = [h for h in self._untrusted_drop if h in request.headers]
-        if not present:
-            return request.headers
-        return without(request.headers, present)
+            drop = self._ambiguous_identity(headers)
+        else:
+            drop = [h for h in self._untrusted_drop if h in headers]
+        cookie = headers.get(hdrs.COOKIE)
+        if cookie is not None and ADMIN_COOKIE in cookie:
+            stripped = without(headers, drop)
+            _drop_admin_cookie(stripped)
+            return stripped
+        return without(headers, drop) if drop else headers
+
+    def _ambiguous_identity(self, headers: CIMultiDictProxy[str]) -> list[istr]:
+        """The identity headers of a trusted request when they are repeated or lists."""
+        drop: list[istr] = []
+        for name in (self.user_header, self.token_header):
+            if name is None:
+                continue
+            values = headers.getall(name, ())
+            if len(values) > 1 or (values and "," in values[0]):
+                drop.append(name)
+        if drop and self.token_header is not None and self.token_header not in drop:
+            drop.append(self.token_header)  # a token without its believed user is no one's
+        if drop and self.user_header not in drop:
+            drop.append(self.user_header)
+        return drop
+
+    def _refuse_protected(self, headers: CIMultiDictProxy[str]) -> None:
+        named = {
+            token.strip().lower()
+            for value in headers.getall(hdrs.CONNECTION, ())
+            for token in value.split(",")
+        }
+        if named & self._protected:
+            raise ProtectedHeader()
 
 
-def without(headers: CIMultiDictProxy[str], names: Iterable[str]) -> CIMultiDict[str]:
+class ProtectedHeader(web.HTTPBadRequest):
+    """Connection names a header the caller's identity rests on: answered 400, never forwarded."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            text='{"detail": "Connection may not name identity or forwarding headers"}',
+            content_type="application/json",
+        )
+
+
+def _drop_admin_cookie(headers: CIMultiDict[str]) -> None:
+    """Remove the dashboard's session cookie from every Cookie header (RFC 6265 5.4 syntax)."""
+    kept = []
+    for value in headers.getall(hdrs.COOKIE, ()):
+        pairs = [p for p in value.split(";") if p.strip().partition("=")[0] != ADMIN_COOKIE]
+        if any(p.strip() for p in pairs):
+            kept.append(";".join(pairs).strip())
+    headers.popall(hdrs.COOKIE, None)
+    for value in kept:
+        headers.add(hdrs.COOKIE, value)
+
+
+def without(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], names: Iterable[str]
+) -> CIMultiDict[str]:
     """A copy of `headers` with every header in `names` removed."""
     copy = CIMultiDict(headers)
     for name in names:

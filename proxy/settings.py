@@ -63,6 +63,18 @@ class IdentitySettings:
     user_header: str = "X-Forwarded-Email"
     token_header: str = "X-Forwarded-Access-Token"
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Headers a gateway sets about the caller: dropped when the peer is not a trusted proxy
+    # (the user and token headers always are), and never removed because Connection names them.
+    untrusted_drop: list[str] = field(
+        default_factory=lambda: [
+            "X-Forwarded-User",
+            "X-Forwarded-Preferred-Username",
+            "X-Real-Ip",
+            "Forwarded",
+            "X-Forwarded-Proto",
+            "X-Forwarded-Host",
+        ]
+    )
 
 
 @dataclass(frozen=True)

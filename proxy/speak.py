@@ -80,6 +80,6 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     """The body as a JSON object, or None when it is anything else."""
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None  # deeply nested JSON is not a speak call either: forwarded untouched
     return value if isinstance(value, dict) else None

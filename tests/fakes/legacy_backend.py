@@ -138,7 +138,7 @@ class FakeLegacyBackend:
     async def _speak(self, request: web.Request) -> web.StreamResponse:
         try:
             document = json.loads(await request.read())
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if not isinstance(document, dict):
             return _error(422, "request body must be a JSON object")
