@@ -15,9 +15,10 @@ from proxy.admin.api import API_PREFIX, AdminApi
 from proxy.admin.dashboard import Dashboard
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.entry_pages import EntryPages
+from proxy.admin.guard import AdminGuard
 from proxy.admin.history import History
 from proxy.admin.pages import AdminPages, setup_templates
-from proxy.admin.routes import DASHBOARD, ENTRY_PAGES, add_dashboard_routes
+from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
@@ -84,6 +85,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=max(settings.tts.max_body_bytes, 1024**2))
     app[SETTINGS] = settings
     app[IDENTITY] = IdentityResolver(settings.identity)
+    app[ADMIN_GUARD] = AdminGuard(settings.admin, app[IDENTITY])
     app[STATS] = CacheStats()
     app[FLIGHTS] = Flights()
     app.cleanup_ctx.append(_upstream_session)
@@ -302,6 +304,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         flights=app[FLIGHTS],
         index=app.get(INDEX),
         stats=app[STATS],
+        guard=app[ADMIN_GUARD],
         ownership=ownership,
         janitor=app[JANITOR],
         disk_guard=app[DISK_GUARD],
@@ -325,7 +328,7 @@ async def _operator_view(app: web.Application) -> AsyncIterator[None]:
         volume=app.get(VOLUME),
         index=app.get(INDEX),
     )
-    pages = AdminPages(settings.admin.token, app[IDENTITY])
+    pages = AdminPages(settings.admin.token, app[IDENTITY], app[ADMIN_GUARD])
     browser = EntryBrowser(api.cache, api.index)
     app[DASHBOARD] = Dashboard(pages, settings, api, history, browser)
     app[ENTRY_PAGES] = EntryPages(pages, api, browser)

@@ -47,6 +47,8 @@ __all__ = [
 
 ENV_PREFIX = "TTS_PROXY_"
 SECRET_KEYS = frozenset({"admin.token", "index.dsn", "index.password"})
+# A token guessed at the throttle's pace (admin/guard.py) must outlast any attacker: 32 characters.
+MIN_ADMIN_TOKEN_CHARS = 32
 
 
 def load_settings(
@@ -256,13 +258,20 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("tts.speak_paths", "must be a non-empty list of paths starting with /")
     if not tts.default_voice:
         raise ConfigError("tts.default_voice", "must not be empty")
-    for cidr in settings.identity.trusted_proxies:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(
-                "identity.trusted_proxies", f"not an address or CIDR: {cidr!r}"
-            ) from None
+    for key, cidrs in (
+        ("identity.trusted_proxies", settings.identity.trusted_proxies),
+        ("admin.allowed_networks", settings.admin.allowed_networks),
+    ):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(key, f"not an address or CIDR: {cidr!r}") from None
+    if settings.admin.token and len(settings.admin.token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            "admin.token",
+            f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 24`)",
+        )
     if settings.identity.mode != "none" and not settings.identity.user_header:
         raise ConfigError("identity.user_header", "must name a header")
     if cache.volume.kind != "none" and not cache.volume.path:

@@ -137,6 +137,8 @@ class AdminSettings:
     """The admin API and pages."""
 
     token: str = ""
+    # Networks the admin pages and API answer; empty = any (the token still guards them).
+    allowed_networks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

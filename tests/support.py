@@ -16,7 +16,7 @@ from proxy.config import Settings
 SPEAK = "/api/tts/speak"
 ALICE = {"X-Forwarded-Email": "alice@example.com"}
 BOB = {"X-Forwarded-Email": "bob@example.com"}
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-of-32-characters"
 
 ProxyClient = TestClient[web.Request, web.Application]
 

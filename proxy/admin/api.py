@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin.auth import refuse
+from proxy.admin.guard import AdminGuard
 from proxy.fill import Flights
 from proxy.index.entries import PostgresIndex
 from proxy.index.pool import IndexUnavailable
@@ -36,13 +37,14 @@ class AdminApi:
     flights: Flights
     index: PostgresIndex | None
     stats: CacheStats
+    guard: AdminGuard
     ownership: OwnershipCheck | None = None
     janitor: Janitor | None = None
     disk_guard: DiskGuard | None = None
 
     async def purge_entries(self, request: web.Request) -> web.Response:
         """DELETE /_proxy/admin/api/entries?user=&thread=&message=&voice= (or all=true)."""
-        if (refused := refuse(request, self.token)) is not None:
+        if (refused := refuse(request, self.token, self.guard)) is not None:
             return refused
         query = request.query
         try:
@@ -66,7 +68,7 @@ class AdminApi:
 
     async def read_stats(self, request: web.Request) -> web.Response:
         """GET /_proxy/admin/api/stats: entries and bytes per tier, outcomes, top users."""
-        if (refused := refuse(request, self.token)) is not None:
+        if (refused := refuse(request, self.token, self.guard)) is not None:
             return refused
         return web.json_response(await self.snapshot())
 

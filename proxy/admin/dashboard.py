@@ -12,6 +12,7 @@ from proxy import __version__
 from proxy.admin.api import AdminApi
 from proxy.admin.auth import token_matches
 from proxy.admin.entries import EntryBrowser
+from proxy.admin.guard import too_many_guesses
 from proxy.admin.history import History
 from proxy.admin.overview import overview
 from proxy.admin.pages import ADMIN, SECURITY_HEADERS, AdminPages, see_other
@@ -40,9 +41,13 @@ class Dashboard:
         """POST /_proxy/admin/login: the admin token in, a session cookie out."""
         self.pages.require_on()
         self.pages.same_origin(request)
+        wait = self.pages.access.retry_after(request)
+        if wait is not None:
+            return too_many_guesses(wait)
         form = await request.post()
         given = form.get("token")
         if not isinstance(given, str) or not token_matches(given, self.settings.admin.token):
+            self.pages.access.failed(request)
             await self.pages.wrong_login()
             context = {"error": "That is not the admin token.", "page": "login"}
             return self.pages.render(request, "login.html", context, status=401)

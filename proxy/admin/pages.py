@@ -10,6 +10,7 @@ from typing import Any, Final
 from aiohttp import hdrs, web
 
 from proxy.admin.format import FILTERS
+from proxy.admin.guard import AdminGuard
 from proxy.admin.session import COOKIE_NAME, AdminSession, SessionSigner
 from proxy.identity import IdentityResolver
 
@@ -54,9 +55,10 @@ def setup_templates(app: web.Application) -> None:
 class AdminPages:
     """Sessions and rendering for the dashboard; every page is 404 while admin.token is unset."""
 
-    def __init__(self, token: str, identity: IdentityResolver) -> None:
+    def __init__(self, token: str, identity: IdentityResolver, guard: AdminGuard) -> None:
         self.signer = SessionSigner(token) if token else None
         self.identity = identity
+        self.access = guard
 
     def require_on(self) -> SessionSigner:
         """The signer; raises 404 while the dashboard is off (no admin.token)."""

@@ -9,12 +9,14 @@ from aiohttp import web
 
 from proxy.admin.dashboard import Dashboard
 from proxy.admin.entry_pages import ADMIN_AUDIO_ROUTE, EntryPages
+from proxy.admin.guard import AdminGuard
 from proxy.admin.pages import ADMIN
 from proxy.request_context import Handler, with_request_id
 
 T = TypeVar("T")
 Method = Callable[[T, web.Request], Awaitable[web.StreamResponse]]
 
+ADMIN_GUARD: Final = web.AppKey("admin_guard", AdminGuard)
 DASHBOARD: Final = web.AppKey("dashboard", Dashboard)
 ENTRY_PAGES: Final = web.AppKey("entry_pages", EntryPages)
 
@@ -26,6 +28,8 @@ def _bound(key: web.AppKey[T], method: Method[T]) -> Handler:
     """
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if not request.app[ADMIN_GUARD].allowed(request):
+            raise web.HTTPNotFound(text="404: Not Found")  # outside admin.allowed_networks
         return await method(request.app[key], request)
 
     handler.__doc__ = method.__doc__

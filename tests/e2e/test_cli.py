@@ -32,7 +32,7 @@ COMMANDS = [
         marks=pytest.mark.skipif(not SCRIPT, reason="tts-cache-proxy is not installed"),
     ),
 ]
-SECRET = "s3cret-admin-token"
+SECRET = "s3cret-admin-token-of-32-characters"
 
 
 def run(

@@ -108,7 +108,7 @@ def test_redaction_hides_secrets() -> None:
     settings = load_settings(
         env={},
         overrides={
-            "admin.token": "s3cret",
+            "admin.token": "s3cret" * 6,
             "index.dsn": "postgresql://u:pw@h/db",
             "upstream.url": "http://user:pw@backend:8000",
         },
