@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
+from proxy.log_lines import quiet_malformed_requests
 
 EXIT_CONFIG = 2
 EXIT_WORKER_FAILED = 1
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_malformed_requests()
     command = args.command or "serve"
     try:
         if command == "check-config":

@@ -1,4 +1,4 @@
-"""LineWriter: a logging handler that writes finished lines to a stream from its own thread."""
+"""Log plumbing: LineWriter (lines written from a thread), and quiet malformed requests."""
 
 from __future__ import annotations
 
@@ -72,3 +72,28 @@ class LineWriter(logging.Handler):
     def _run(self) -> None:
         while not self._stopping.wait(self._flush_seconds):
             self.flush()
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's server logs a request it cannot parse at ERROR, with a traceback quoting the raw
+    bytes; such a request is the client's fault, so it becomes one INFO line naming the peer and
+    the kind of fault, and neither the traceback nor the bytes (they may carry anything)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a parse failure's record in place; let every other record through as it is."""
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request from %s: %s", (peer, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Install MalformedRequests on aiohttp's server logger (idempotent)."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
