@@ -6,10 +6,10 @@ import time
 from typing import Final
 
 from aiohttp import hdrs
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.speak import CacheKey
-from proxy.storage.entry import EntryMeta
+from proxy.storage.entry import EntryMeta, stored_header
 
 # What the cache did (hit, miss, disabled), and which tier answered a hit.
 X_TTS_CACHE: Final = istr("X-TTS-Cache")
@@ -78,4 +78,45 @@ def hit_headers(key: CacheKey, meta: EntryMeta, tier: str) -> CIMultiDict[str]:
     """The headers of a replayed entry, without Age (which changes every second)."""
     headers = meta_headers(meta, tier, age=False)
     headers.update(cache_headers(key, "hit", hit_status(tier)))
+    make_private(headers)
     return headers
+
+
+def make_private(headers: CIMultiDict[str]) -> None:
+    """Mark a per-user answer `private` (RFC 9111 5.2.2.7): no shared cache may reuse it for
+    another user, whatever the backend said (`public` is dropped, other directives kept)."""
+    directives = [
+        part.strip()
+        for value in headers.getall(hdrs.CACHE_CONTROL, ())
+        for part in value.split(",")
+        if part.strip() and part.strip().lower() not in ("public", "private")
+    ]
+    headers[hdrs.CACHE_CONTROL] = ", ".join(["private", *directives])
+
+
+def origin_bound(headers: CIMultiDict[str]) -> bool:
+    """True when the stored CORS answer holds only for one origin (anything but `*` without
+    credentials), so it may be replayed only to that origin (Fetch standard, CORS protocol)."""
+    allowed = headers.get(hdrs.ACCESS_CONTROL_ALLOW_ORIGIN)
+    if allowed is None:
+        return False
+    credentials = headers.get(hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS, "").strip().lower()
+    return allowed.strip() != "*" or credentials == "true"
+
+
+def for_origin(headers: CIMultiDict[str], origin: str | None) -> CIMultiDict[str]:
+    """Origin-bound headers as this request may see them: the CORS headers only when `origin`
+    is the one they were made for, and `Vary: Origin` either way (RFC 9110 12.5.5)."""
+    out = headers.copy()
+    if origin is None or origin != headers.get(hdrs.ACCESS_CONTROL_ALLOW_ORIGIN, "").strip():
+        for name in [n for n in out if n.lower().startswith("access-control-")]:
+            out.popall(name, None)
+    if hdrs.VARY not in out or "origin" not in out[hdrs.VARY].lower():
+        out.add(hdrs.VARY, "Origin")
+    return out
+
+
+def replay_only(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """What a hit replays of an upstream answer: the stored headers, nothing of the exchange
+    with its first client (Set-Cookie and the like)."""
+    return CIMultiDict((name, value) for name, value in headers.items() if stored_header(name))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 
-from proxy.headers import X_TTS_CACHE, meta_headers
+from proxy.headers import X_TTS_CACHE, for_origin, meta_headers, origin_bound
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.ownership import OwnershipCheck
 from proxy.ranges import Unsatisfiable, etag_matches, parse_range
@@ -48,6 +48,8 @@ class AudioUrl:
 def serve_entry(request: web.BaseRequest, entry: Entry, tier: str) -> web.Response:
     """A cached entry as a GET/HEAD answer: 200, 206 for a Range, 304 on a matching ETag, 416."""
     headers = meta_headers(entry.meta, tier)
+    if origin_bound(headers):
+        headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
     headers[hdrs.ACCEPT_RANGES] = "bytes"
     headers[X_TTS_CACHE] = "hit"
     # Responses vary by who asks: shared caches must not reuse them across users.

@@ -16,11 +16,14 @@ from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
 from proxy.headers import (
     DISABLED,
     VIA,
+    age_of,
     cache_headers,
+    for_origin,
     hit_headers,
-    hit_status,
-    meta_headers,
+    make_private,
     miss_status,
+    origin_bound,
+    replay_only,
 )
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
@@ -78,12 +81,14 @@ class PrebuiltHeaders:
     memory tier has evicted alive, past its byte bound.
     """
 
-    __slots__ = ("age", "headers", "meta")
+    __slots__ = ("age", "headers", "meta", "origin_bound")
 
     def __init__(self, meta: EntryMeta, headers: CIMultiDict[str]) -> None:
         self.meta = meta
         self.headers = headers
         self.age: int | None = None
+        # A CORS answer for one origin is replayed per request, only to that origin.
+        self.origin_bound = origin_bound(headers)
 
 
 class BodyTooLarge(Exception):
@@ -218,8 +223,11 @@ class SpeakHandler:
         """A Volume hit sent as it is read; copied into memory once it ended intact."""
         await self._note_hit(key, "volume")
         meta = stream.meta
-        response = web.StreamResponse(status=meta.status, headers=meta_headers(meta, "volume"))
-        response.headers.update(cache_headers(key, "hit", hit_status("volume")))
+        headers = hit_headers(key, meta, "volume")
+        headers[hdrs.AGE] = age_of(meta)
+        if origin_bound(headers):
+            headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
+        response = web.StreamResponse(status=meta.status, headers=headers)
         response.content_length = meta.length
         stamp_request_id(request, response)
         parts: list[bytes] = []
@@ -282,7 +290,10 @@ class SpeakHandler:
         if age != prebuilt.age:  # Age changes once a second: so do the prebuilt headers
             prebuilt.age = age
             prebuilt.headers[hdrs.AGE] = str(max(0, age))
-        response = web.Response(status=meta.status, body=entry.body, headers=prebuilt.headers)
+        headers = prebuilt.headers
+        if prebuilt.origin_bound:
+            headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
+        response = web.Response(status=meta.status, body=entry.body, headers=headers)
         # Nothing went upstream, so no one else needs this id: a new one, not kept on the request.
         response.headers.add(REQUEST_ID_HEADER, client_or_new_id(request))
         return response
@@ -339,11 +350,24 @@ async def stream_fill(
         stored = fill.storable and fill.store_allowed
         ours = cache_headers(key, "miss", miss_status(collapsed=collapsed, stored=stored))
         if fill.error is not None:
-            return json_error(fill.error.status, fill.error.detail, headers=ours)
+            failed = {**ours, hdrs.CACHE_CONTROL: "private"}
+            return json_error(fill.error.status, fill.error.detail, headers=failed)
         response = web.StreamResponse(status=fill.status, reason=fill.reason)
-        response.headers.extend(end_to_end(fill.headers))
+        if collapsed:
+            # A joined client gets what a hit would replay, never the first client's exchange
+            # (its Set-Cookie), and CORS headers only for the origin they were made for.
+            headers = replay_only(fill.headers)
+            if origin_bound(headers):
+                headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
+            length = fill.headers.get(hdrs.CONTENT_LENGTH)
+            if length is not None and length.isdigit():
+                response.content_length = int(length)
+        else:
+            headers = end_to_end(fill.headers)
+        response.headers.extend(headers)
         response.headers.add(hdrs.VIA, VIA)
         response.headers.update(ours)
+        make_private(response.headers)
         if hdrs.CONTENT_LENGTH not in fill.headers:
             response.enable_chunked_encoding()
         stamp_request_id(request, response)

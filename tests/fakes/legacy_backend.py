@@ -10,7 +10,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import WSMsgType, web
@@ -40,6 +40,8 @@ class SpeakBehaviour:
     size: int = 64 * 1024
     # Mix the caller and message into the audio, so bytes name exactly whom they were made for.
     per_request: bool = False
+    # Headers added to (or replacing) the answer's own, e.g. Set-Cookie or CORS.
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeLegacyBackend:
@@ -172,6 +174,7 @@ class FakeLegacyBackend:
                 "Access-Control-Allow-Origin": "*",
                 "X-TTS-Provider": behaviour.provider or requested,
                 "X-TTS-Cache": "disabled",
+                **behaviour.extra_headers,
             }
         )
         if behaviour.chunked:
