@@ -247,5 +247,6 @@ async def test_chaos_soak_keeps_every_promise(
         Verdict(seed, seconds, started), clients.observations, plan.calls, trouble, stored, BASE
     )
     report = verdict.report()
+    if verdict.failures:
+        pytest.fail(report, pytrace=False)
     print(report)
-    assert not verdict.failures, report
