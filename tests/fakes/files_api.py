@@ -243,9 +243,9 @@ class FilesApiEmulator(LocalServer):
         status: int = 500,
         method: str | None = None,
         path_suffix: str | None = None,
-    ) -> None:
+    ) -> Fault:
         """Answer the next `count` matching Files API calls with `status` and an error body."""
-        self.faults.append(
+        return self._add_fault(
             Fault("status", count, status=status, method=method, path_suffix=path_suffix)
         )
 
@@ -256,9 +256,9 @@ class FilesApiEmulator(LocalServer):
         retry_after: int = 1,
         method: str | None = None,
         path_suffix: str | None = None,
-    ) -> None:
+    ) -> Fault:
         """Answer the next `count` matching calls 429 with `Retry-After: retry_after`."""
-        self.faults.append(
+        return self._add_fault(
             Fault(
                 "throttle",
                 count,
@@ -269,15 +269,20 @@ class FilesApiEmulator(LocalServer):
             )
         )
 
-    def cut_next(self, count: int = 1, *, path_suffix: str | None = None) -> None:
+    def cut_next(self, count: int = 1, *, path_suffix: str | None = None) -> Fault:
         """Cut the next `count` file downloads short: full Content-Length, half the body, close."""
-        self.faults.append(Fault("cut", count, method="GET", path_suffix=path_suffix))
+        return self._add_fault(Fault("cut", count, method="GET", path_suffix=path_suffix))
 
     def hang_next(
         self, count: int = 1, *, method: str | None = None, path_suffix: str | None = None
-    ) -> None:
+    ) -> Fault:
         """Never answer the next `count` matching calls (until `stop()`)."""
-        self.faults.append(Fault("hang", count, method=method, path_suffix=path_suffix))
+        return self._add_fault(Fault("hang", count, method=method, path_suffix=path_suffix))
+
+    def _add_fault(self, fault: Fault) -> Fault:
+        """Queue `fault`; the caller may end it early with `fault.remaining = 0`."""
+        self.faults.append(fault)
+        return fault
 
     def clear_faults(self) -> None:
         """Forget every pending fault and the added latency."""

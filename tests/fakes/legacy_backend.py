@@ -7,6 +7,8 @@ import contextlib
 import gzip
 import hashlib
 import json
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -42,6 +44,14 @@ class SpeakBehaviour:
     per_request: bool = False
     # Headers added to (or replacing) the answer's own, e.g. Set-Cookie or CORS.
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # A stand-in: audio in this voice, labelled as the backend's provider fallback labels it.
+    fallback_voice: str | None = None
+    # Reset the connection (RST): before the status line, or, with `truncate`, after half the body.
+    reset: bool = False
+
+
+# Chooses one speak call's behaviour from its JSON body and headers; None: the fake's `speak`.
+SpeakPlan = Callable[[dict[str, Any], CIMultiDict[str]], SpeakBehaviour | None]
 
 
 class FakeLegacyBackend:
@@ -55,6 +65,7 @@ class FakeLegacyBackend:
         self.speak_bodies: list[dict[str, Any]] = []
         self.speak_headers: list[CIMultiDict[str]] = []
         self.speak = SpeakBehaviour()
+        self.speak_plan: SpeakPlan | None = None
         # time.monotonic() when each SSE event was written, for timing assertions.
         self.sse_sent: list[float] = []
         self._runner: web.AppRunner | None = None
@@ -144,18 +155,23 @@ class FakeLegacyBackend:
             document = None
         if not isinstance(document, dict):
             return _error(422, "request body must be a JSON object")
+        headers = CIMultiDict(request.headers)
         self.speak_bodies.append(document)
-        self.speak_headers.append(CIMultiDict(request.headers))
-        behaviour = self.speak
+        self.speak_headers.append(headers)
+        planned = self.speak_plan(document, headers) if self.speak_plan is not None else None
+        behaviour = planned or self.speak
         text = str(document.get("text") or "").strip()
         if not text:
             return _error(400, "Text is required")
         if behaviour.headers_delay:
             await asyncio.sleep(behaviour.headers_delay)
+        if behaviour.reset and not behaviour.truncate:
+            _reset(request)
+            raise asyncio.CancelledError
         if behaviour.status != 200:
             detail = f"TTS failed with all providers: fake {behaviour.status}"
             return _error(behaviour.status, detail)
-        voice = str(document.get("voice") or "af_nicole")
+        voice = behaviour.fallback_voice or str(document.get("voice") or "af_nicole")
         requested = str(document.get("provider") or "replicate").lower()
         if behaviour.per_request:
             voice_salt = self.request_salt(
@@ -177,13 +193,15 @@ class FakeLegacyBackend:
                 **behaviour.extra_headers,
             }
         )
+        if behaviour.fallback_voice is not None:
+            response.headers["X-TTS-Fallback"] = "provider, voice"
         if behaviour.chunked:
             response.enable_chunked_encoding()
         else:
             response.content_length = len(audio)
-        await response.prepare(request)
         body = audio[: len(audio) // 2] if behaviour.truncate else audio
         try:
+            await response.prepare(request)
             for index, chunk in enumerate(_split(body, behaviour.chunks)):
                 if index and behaviour.chunk_delay:
                     await asyncio.sleep(behaviour.chunk_delay)
@@ -191,8 +209,11 @@ class FakeLegacyBackend:
         except ConnectionResetError:  # the proxy went away mid-body
             return response
         if behaviour.truncate:
-            # close() flushes what was written, then the peer sees the body end early.
-            if request.transport is not None:
+            # close() flushes what was written, then the peer sees the body end early; a reset
+            # drops what is still unsent.
+            if behaviour.reset:
+                _reset(request)
+            elif request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError
         await response.write_eof()
@@ -291,6 +312,17 @@ class FakeLegacyBackend:
         if code in {204, 304}:
             return web.Response(status=code)
         return _error(code, f"status {code}")
+
+
+def _reset(request: web.Request) -> None:
+    """Drop the connection with a TCP reset (linger 0), not an orderly close."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _error(status: int, detail: str) -> web.Response:
