@@ -64,7 +64,11 @@ Results = dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite direct and through each peer; print how many tests ended the same way."""
-    parser = argparse.ArgumentParser(prog="python -m bench.transparency", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transparency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkout", type=Path, help="a cache-tests checkout, after npm install")
     parser.add_argument("--peers", default="ours,nginx", help="comma-separated: ours, nginx")
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
