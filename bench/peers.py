@@ -191,7 +191,7 @@ class Lab:
         if os.geteuid() == 0:
             # The master runs as root; its worker, as nobody, must own what it writes.
             user_directive = "user nobody nogroup;"
-            _chown_tree(prefix, "nobody", "nogroup")
+            chown_tree(prefix, "nobody", "nogroup")
         text = NGINX_TEMPLATE.read_text()
         for name, value in {
             "user_directive": user_directive,
@@ -381,7 +381,8 @@ def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _chown_tree(root: Path, user: str, group: str) -> None:
+def chown_tree(root: Path, user: str, group: str) -> None:
+    """Give `root`'s contents to `user`:`group` and open `root` to them (nginx's worker)."""
     uid, gid = pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
     for folder, dirs, files in os.walk(root):
         for name in [*dirs, *files]:

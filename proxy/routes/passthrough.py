@@ -6,22 +6,29 @@ HTTP in both directions as it arrives (server-sent events included), and WebSock
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import suppress
 from typing import Final
 
 import aiohttp
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import HttpVersion11, WSMsgType, hdrs, web
+from aiohttp.http import RawResponseMessage
 
 from proxy.headers import VIA
 from proxy.request_context import UPSTREAM_SECONDS, stamp_request_id
 from proxy.routes.responses import abort_connection, json_error
 from proxy.upstreams.client_stream import as_upstream_error
+from proxy.upstreams.connection import InterimResponsesTo
 from proxy.upstreams.http import Headers, HttpUpstream, end_to_end, outgoing_headers
 
 log = logging.getLogger(__name__)
 
+# What would end a field or a head early: never written into an interim response.
+LINE_BREAK: Final = re.compile("[\r\n\0]")
 WS_HANDSHAKE: Final = frozenset(
     {
         "sec-websocket-key",
@@ -62,13 +69,14 @@ class Passthrough:
             data = None
         started = time.monotonic()
         try:
-            upstream = await self._session.request(
-                request.method,
-                self._upstream.url_for(request.raw_path),
-                headers=outgoing,
-                data=data,
-                allow_redirects=False,
-            )
+            with InterimResponsesTo(functools.partial(forward_interim, request)):
+                upstream = await self._session.request(
+                    request.method,
+                    self._upstream.url_for(request.raw_path),
+                    headers=outgoing,
+                    data=data,
+                    allow_redirects=False,
+                )
         except Exception as exc:
             request[UPSTREAM_SECONDS] = self._upstream.timed(started, failed=True)
             error = as_upstream_error(exc)
@@ -143,6 +151,31 @@ async def relay(
         return response
     await response.write_eof()
     return response
+
+
+async def forward_interim(request: web.Request, message: RawResponseMessage) -> None:
+    """Send an upstream interim (1xx) response on to the client, ahead of the final one.
+
+    A proxy MUST forward 1xx responses, except those it asked for itself, and never to an
+    HTTP/1.0 client, which knows none (RFC 9110 15.2). A 100 (Continue) answers the proxy's own
+    request: aiohttp's server answered the client's expectation before the handler ran.
+    """
+    if message.code == 100 or request.version < HttpVersion11:
+        return
+    fields = end_to_end(message.headers)
+    fields.add(hdrs.VIA, VIA)
+    parts = [message.reason, *fields.keys(), *fields.values()]
+    if any(LINE_BREAK.search(part) for part in parts):
+        log.warning("upstream interim response not forwarded: a field holds a line break")
+        return
+    lines = [f"HTTP/1.1 {message.code} {message.reason}"]
+    lines.extend(f"{name}: {value}" for name, value in fields.items())
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    with suppress(ConnectionError):  # the client left: its final response fails as well
+        # aiohttp's server has no API for interim responses; it writes its own 100 (Continue)
+        # on the request's writer before the response is prepared, as this does.
+        await request.writer.write(head.encode("utf-8", "surrogateescape"))
+    request.writer.output_size = 0  # the response proper has not begun
 
 
 async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:

@@ -20,6 +20,7 @@ from proxy.request_context import (
 from proxy.stats import CacheStats
 from proxy.upstreams.base import SpeakCall, UpstreamError
 from proxy.upstreams.client_stream import ClientStream, as_upstream_error
+from proxy.upstreams.connection import UpstreamConnector
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,14 @@ def outgoing_headers(request: web.BaseRequest, headers: Headers) -> CIMultiDict[
 
 
 def client_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
-    """The shared upstream session: no cookie jar, no decompression, no redirects followed."""
+    """The shared upstream session: no cookie jar, no decompression, no redirects followed;
+    interim responses handed on and excess bytes discarded (`UpstreamConnector`)."""
     timeout = aiohttp.ClientTimeout(
         total=None,
         sock_connect=settings.connect_timeout_seconds,
         sock_read=settings.timeout_seconds,
     )
-    connector = aiohttp.TCPConnector(
+    connector = UpstreamConnector(
         limit=settings.max_connections,
         enable_cleanup_closed=True,
         # Idle connections are reused only while the backend surely keeps them (uvicorn closes
