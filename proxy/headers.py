@@ -25,6 +25,8 @@ X_REQUEST_ID: Final = istr("X-Request-Id")
 X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
 X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
 X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+# The caller's address, as a trusted gateway names it (behind one, every request shares its own).
+X_REAL_IP: Final = istr("X-Real-Ip")
 # RFC 9110 7.6.3: the protocol and name this proxy adds to Via, both ways.
 VIA: Final = "1.1 tts-cache-proxy"
 

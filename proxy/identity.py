@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.admin.session import COOKIE_NAME as ADMIN_COOKIE
 from proxy.config import IdentitySettings
-from proxy.headers import X_FORWARDED_FOR
+from proxy.headers import X_FORWARDED_FOR, X_REAL_IP
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Connection values that name no header but the hop-by-hop ones (checked without parsing).
@@ -78,6 +78,20 @@ class IdentityResolver:
         # A weak reference: a closed connection must not be kept alive, nor its id mistaken.
         self._by_connection[id(transport)] = (weakref.ref(transport), verdict)
         return verdict
+
+    def named_client(self, request: web.BaseRequest) -> str | None:
+        """The caller a trusted gateway names in one `X-Real-Ip`; None from anyone else."""
+        if not self.trusted_peer(request):
+            return None
+        named = request.headers.getall(X_REAL_IP, ())
+        if len(named) == 1 and named[0].strip():
+            return named[0].strip()
+        return None
+
+    def client(self, request: web.BaseRequest) -> str:
+        """The client a per-client rule judges: the caller a trusted gateway names, else the
+        TCP peer (behind a gateway every request shares its address)."""
+        return self.named_client(request) or request.remote or ""
 
     def _peer_verdict(self, transport: asyncio.BaseTransport) -> bool:
         peer = transport.get_extra_info("peername")

@@ -19,7 +19,6 @@ MAX_FAILURES: Final = 10
 FAILURE_WINDOW_SECONDS: Final = 60.0
 # Clients remembered at once; past it the oldest are forgotten (bounded memory under a flood).
 MAX_CLIENTS: Final = 10_000
-REAL_IP: Final = "X-Real-Ip"
 
 
 class AdminGuard:
@@ -73,11 +72,7 @@ class AdminGuard:
 
     def client(self, request: web.BaseRequest) -> str:
         """The address the throttle and the allow-list judge."""
-        if self._identity.trusted_peer(request):
-            named = request.headers.getall(REAL_IP, ())
-            if len(named) == 1 and named[0].strip():
-                return named[0].strip()
-        return request.remote or ""
+        return self._identity.client(request)
 
 
 def too_many_guesses(retry_after: int) -> web.Response:
