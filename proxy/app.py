@@ -26,13 +26,14 @@ from proxy.index.entries import PostgresIndex
 from proxy.index.legacy import LegacyMessages
 from proxy.index.pool import Password, index_enabled
 from proxy.janitor import Janitor
+from proxy.limits import ClientLimit, SlottedUpstream, UpstreamSlots
 from proxy.metrics import Metrics, ProxyCollector
 from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission
 from proxy.readiness import Readiness, readiness_session
 from proxy.request_context import Handler, with_request_id
 from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
-from proxy.routes.passthrough import Passthrough
+from proxy.routes.passthrough import Passthrough, PassthroughLimits
 from proxy.routes.responses import json_error
 from proxy.routes.speak import SpeakHandler
 from proxy.speak import CacheKey
@@ -67,6 +68,8 @@ DISK_GUARD: Final = web.AppKey("disk_guard", DiskGuard)
 HISTORY: Final = web.AppKey("history", History)
 METRICS: Final = web.AppKey("metrics", Metrics)
 READINESS: Final = web.AppKey("readiness", Readiness)
+SLOTS: Final = web.AppKey("slots", UpstreamSlots)
+CLIENT_LIMIT: Final = web.AppKey("client_limit", ClientLimit)
 
 T = TypeVar("T")
 
@@ -88,6 +91,9 @@ def create_app(settings: Settings) -> web.Application:
     app[ADMIN_GUARD] = AdminGuard(settings.admin, app[IDENTITY])
     app[STATS] = CacheStats()
     app[FLIGHTS] = Flights()
+    limit = app[CLIENT_LIMIT] = ClientLimit(
+        settings.server.max_requests_per_client, app[IDENTITY], app[STATS]
+    )
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
@@ -114,10 +120,10 @@ def create_app(settings: Settings) -> web.Application:
     add_dashboard_routes(app)
     speak = app[SPEAK_ROUTE] = SpeakRoute()
     for path in settings.tts.speak_paths:
-        add("POST", path, speak.handle)
+        add("POST", path, limit.guard(speak.handle))
     # The proxy's own space never reaches the backend: what it does not serve is its own 404.
     add("*", "/_proxy/{tail:.*}", proxy_not_found)
-    add("*", "/{tail:.*}", forward)
+    add("*", "/{tail:.*}", limit.guard(forward))
     return app
 
 
@@ -186,7 +192,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     session = client_session(settings.upstream)
     upstream = app[UPSTREAM] = HttpUpstream(settings.upstream, session, stats=app[STATS])
-    app[PASSTHROUGH] = Passthrough(upstream, session)
+    slots = app[SLOTS] = UpstreamSlots(settings.upstream, app[STATS])
+    limits = PassthroughLimits.from_settings(settings, slots, app[STATS])
+    app[PASSTHROUGH] = Passthrough(upstream, session, limits)
     chain = build_synthesizer(settings, session)
     if chain is not None:
         app[SYNTHESIZER] = chain
@@ -290,7 +298,8 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         cache=get_state(app, CACHE),
         flights=app[FLIGHTS],
         passthrough=app[PASSTHROUGH],
-        synthesizer=app.get(SYNTHESIZER, upstream),
+        # Speak misses hold an ordinary upstream slot, as any other request does.
+        synthesizer=SlottedUpstream(app.get(SYNTHESIZER, upstream), app[SLOTS]),
         stats=app[STATS],
         index=app.get(INDEX),
         ownership=ownership,

@@ -226,6 +226,11 @@ def _validate(settings: Settings) -> None:
         "upstream.timeout_seconds": upstream.timeout_seconds,
         "upstream.connect_timeout_seconds": upstream.connect_timeout_seconds,
         "upstream.max_connections": upstream.max_connections,
+        "upstream.max_streams": upstream.max_streams,
+        "upstream.slot_wait_seconds": upstream.slot_wait_seconds,
+        "upstream.websocket_max_message_bytes": upstream.websocket_max_message_bytes,
+        "server.body_idle_timeout_seconds": server.body_idle_timeout_seconds,
+        "tts.body_timeout_seconds": tts.body_timeout_seconds,
         "upstream.provider_timeout_seconds": upstream.provider_timeout_seconds,
         "tts.max_body_bytes": tts.max_body_bytes,
         "cache.max_entry_bytes": cache.max_entry_bytes,
@@ -251,9 +256,17 @@ def _validate(settings: Settings) -> None:
         "cache.volume.ttl_seconds": cache.volume.ttl_seconds,
         "cache.volume.user_max_bytes": cache.volume.user_max_bytes,
         "cache.volume.min_free_bytes": cache.volume.min_free_bytes,
+        "server.max_requests_per_client": server.max_requests_per_client,
     }.items():
         if number < 0:
             raise ConfigError(key, f"must be 0 (off) or more, got {number}")
+    if upstream.max_streams >= upstream.max_connections:
+        # Streams are capped apart so that ordinary requests always keep some connections.
+        raise ConfigError(
+            "upstream.max_streams",
+            f"must be less than upstream.max_connections ({upstream.max_connections}), "
+            f"got {upstream.max_streams}",
+        )
     if not tts.speak_paths or not all(p.startswith("/") for p in tts.speak_paths):
         raise ConfigError("tts.speak_paths", "must be a non-empty list of paths starting with /")
     if not tts.default_voice:

@@ -23,6 +23,8 @@ class ServerSettings:
     port: int = 8080
     shutdown_timeout_seconds: float = 30.0
     access_log: bool = True
+    body_idle_timeout_seconds: float = 10.0
+    max_requests_per_client: int = 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class UpstreamSettings:
     timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 5.0
     max_connections: int = 200
+    max_streams: int = 100
+    slot_wait_seconds: float = 5.0
+    websocket_max_message_bytes: int = 16_777_216
     provider_timeout_seconds: float = 30.0
     replicate_base_url: str = "https://api.replicate.com"
     replicate_model: str = (
@@ -50,6 +55,7 @@ class TtsSettings:
 
     speak_paths: list[str] = field(default_factory=lambda: ["/api/tts/speak"])
     max_body_bytes: int = 1_048_576
+    body_timeout_seconds: float = 30.0
     default_voice: str = "af_nicole"
     forward_save_to_volume: bool = False
     clean_text: Literal["none", "basic"] = "basic"

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -19,14 +20,19 @@ from aiohttp import HttpVersion11, WSMsgType, hdrs, web
 from aiohttp.http import RawResponseMessage
 
 from proxy.headers import VIA
+from proxy.limits import Slot, UpstreamBusy, UpstreamSlots
 from proxy.request_context import UPSTREAM_SECONDS, stamp_request_id
+from proxy.routes.bodies import StreamedBody, body_timed_out
 from proxy.routes.responses import abort_connection, json_error
+from proxy.settings import Settings
+from proxy.stats import CacheStats
 from proxy.upstreams.client_stream import as_upstream_error
 from proxy.upstreams.connection import InterimResponsesTo
 from proxy.upstreams.http import Headers, HttpUpstream, end_to_end, outgoing_headers
 
 log = logging.getLogger(__name__)
 
+EVENT_STREAM: Final = "text/event-stream"
 # What would end a field or a head early: never written into an interim response.
 LINE_BREAK: Final = re.compile("[\r\n\0]")
 WS_HANDSHAKE: Final = frozenset(
@@ -40,12 +46,41 @@ WS_HANDSHAKE: Final = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class PassthroughLimits:
+    """What bounds a forwarded request: upstream slots, a body's silence, a WebSocket message."""
+
+    slots: UpstreamSlots
+    body_idle_seconds: float
+    websocket_max_message_bytes: int
+    stats: CacheStats | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, slots: UpstreamSlots, stats: CacheStats | None = None
+    ) -> PassthroughLimits:
+        """The limits the settings name."""
+        return cls(
+            slots=slots,
+            body_idle_seconds=settings.server.body_idle_timeout_seconds,
+            websocket_max_message_bytes=settings.upstream.websocket_max_message_bytes,
+            stats=stats,
+        )
+
+
 class Passthrough:
     """Forwards a request to the legacy backend and streams its answer back."""
 
-    def __init__(self, upstream: HttpUpstream, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, upstream: HttpUpstream, session: aiohttp.ClientSession, limits: PassthroughLimits
+    ) -> None:
         self._upstream = upstream
         self._session = session
+        self._limits = limits
+        self._slots = limits.slots
+        # aiohttp refuses a message of max_msg_size bytes or more; the setting names the largest
+        # message passed on, as uvicorn's ws_max_size does.
+        self._ws_max_msg_size = limits.websocket_max_message_bytes + 1
 
     async def forward(
         self,
@@ -56,15 +91,35 @@ class Passthrough:
         extra_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         """Pass `request` upstream and its response back, streamed both ways."""
-        if body is None and _is_websocket(request):
-            return await self._forward_websocket(request, headers)
+        websocket = body is None and _is_websocket(request)
+        try:
+            slot = await self._slots.take(stream=websocket or asks_for_events(request))
+        except UpstreamBusy:
+            return await self._slots.busy(request)
+        try:
+            if websocket:
+                return await self._forward_websocket(request, headers)
+            return await self._forward_http(request, headers, body, extra_headers, slot)
+        finally:
+            slot.release()
+
+    async def _forward_http(
+        self,
+        request: web.Request,
+        headers: Headers,
+        body: bytes | None,
+        extra_headers: Mapping[str, str] | None,
+        slot: Slot,
+    ) -> web.StreamResponse:
         outgoing = outgoing_headers(request, headers)
         data: bytes | AsyncIterator[bytes] | None
+        streamed: StreamedBody | None = None
         if body is not None:
             data = body
             outgoing.popall(hdrs.CONTENT_LENGTH, None)
         elif request.body_exists:
-            data = _stream_body(request)
+            streamed = StreamedBody(request, self._limits.body_idle_seconds)
+            data = streamed.chunks()
         else:
             data = None
         started = time.monotonic()
@@ -78,11 +133,22 @@ class Passthrough:
                     allow_redirects=False,
                 )
         except Exception as exc:
-            request[UPSTREAM_SECONDS] = self._upstream.timed(started, failed=True)
+            client_failed = streamed is not None and streamed.timed_out
+            request[UPSTREAM_SECONDS] = self._upstream.timed(started, failed=not client_failed)
+            if client_failed:
+                if self._limits.stats is not None:
+                    self._limits.stats.errors["body_timeout"] += 1
+                return await body_timed_out(request)
             error = as_upstream_error(exc)
             return json_error(error.status, error.detail, headers=extra_headers)
         request[UPSTREAM_SECONDS] = self._upstream.timed(started, failed=upstream.status >= 500)
         try:
+            if not slot.stream and is_event_stream(upstream.headers):
+                # Classified by its answer: a stream holds a stream slot, not an ordinary one.
+                try:
+                    await self._slots.to_streams(slot)
+                except UpstreamBusy:
+                    return await self._slots.busy(request)
             return await relay(request, upstream, extra_headers)
         finally:
             upstream.release()
@@ -107,7 +173,7 @@ class Passthrough:
                 protocols=protocols,
                 autoclose=False,
                 autoping=True,
-                max_msg_size=0,
+                max_msg_size=self._ws_max_msg_size,
             )
         except aiohttp.WSServerHandshakeError as exc:
             return json_error(502, f"upstream refused the WebSocket upgrade: {exc.status}")
@@ -117,7 +183,7 @@ class Passthrough:
         client_ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             autoclose=False,
-            max_msg_size=0,
+            max_msg_size=self._ws_max_msg_size,
         )
         stamp_request_id(request, client_ws)
         await client_ws.prepare(request)
@@ -178,9 +244,15 @@ async def forward_interim(request: web.Request, message: RawResponseMessage) -> 
     request.writer.output_size = 0  # the response proper has not begun
 
 
-async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
-        yield chunk
+def asks_for_events(request: web.BaseRequest) -> bool:
+    """True when the client asks for server-sent events: a stream, held open."""
+    return any(EVENT_STREAM in value.lower() for value in request.headers.getall(hdrs.ACCEPT, ()))
+
+
+def is_event_stream(headers: Headers) -> bool:
+    """True when a response is server-sent events."""
+    media_type = headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0]
+    return media_type.strip().lower() == EVENT_STREAM
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -193,22 +265,31 @@ async def _pump_websockets(
     client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
     async def client_to_upstream() -> None:
+        failed: int | None = None
         async for message in client:
             if message.type is WSMsgType.TEXT:
                 await upstream.send_str(message.data)
             elif message.type is WSMsgType.BINARY:
                 await upstream.send_bytes(message.data)
-        await upstream.close(code=client.close_code or 1000)
+            elif message.type is WSMsgType.ERROR:
+                failed = _error_code(message.data)
+        # Shielded: after a protocol error aiohttp has closed the client's connection already,
+        # and the request's task is cancelled; the upstream must still hear why.
+        await asyncio.shield(upstream.close(code=failed or client.close_code or 1000))
 
     async def upstream_to_client() -> None:
+        failed: int | None = None
         async for message in upstream:
             if message.type is WSMsgType.TEXT:
                 await client.send_str(message.data)
             elif message.type is WSMsgType.BINARY:
                 await client.send_bytes(message.data)
+            elif message.type is WSMsgType.ERROR:
+                failed = _error_code(message.data)
             elif message.type is WSMsgType.CLOSE:
                 break
-        await client.close(code=upstream.close_code or 1000, message=_close_reason(upstream))
+        code = failed or upstream.close_code or 1000
+        await client.close(code=code, message=_close_reason(upstream))
 
     tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
     try:
@@ -220,6 +301,12 @@ async def _pump_websockets(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _error_code(error: object) -> int | None:
+    """The close code a side's protocol error calls for: 1009 for a message over the bound
+    (RFC 6455 7.4.1), passed on to the other side too, so that both know why it ended."""
+    return error.code if isinstance(error, aiohttp.WebSocketError) else None
 
 
 def _close_reason(ws: aiohttp.ClientWebSocketResponse) -> bytes:

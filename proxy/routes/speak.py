@@ -37,6 +37,7 @@ from proxy.request_context import (
     request_id,
     stamp_request_id,
 )
+from proxy.routes.bodies import BodyTimedOut, BodyTooLarge, body_timed_out, read_request_body
 from proxy.routes.passthrough import Passthrough
 from proxy.routes.responses import abort_connection, json_error
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
@@ -91,10 +92,6 @@ class PrebuiltHeaders:
         self.origin_bound = origin_bound(headers)
 
 
-class BodyTooLarge(Exception):
-    """The request body is over tts.max_body_bytes."""
-
-
 @dataclass(frozen=True)
 class SpeakHandler:
     """The speak handler: everything the interception needs, built once at start."""
@@ -135,9 +132,17 @@ class SpeakHandler:
                 return json_error(413, f"request body is larger than {limit} bytes")
         else:
             try:
-                body = await read_request_body(request, limit)
+                body = await read_request_body(
+                    request,
+                    limit,
+                    idle_seconds=self.settings.server.body_idle_timeout_seconds,
+                    total_seconds=self.settings.tts.body_timeout_seconds,
+                )
             except BodyTooLarge:
                 return json_error(413, f"request body is larger than {limit} bytes")
+            except BodyTimedOut:
+                self.stats.errors["body_timeout"] += 1
+                return await body_timed_out(request)
         # 2-4. what is asked, by whom, and whether it may be cached
         identity = self.identity.resolve(request)
         parsed = self._parse(body, identity.user if identity else None)
@@ -319,25 +324,6 @@ class SpeakHandler:
         log.debug("stored %s (%d bytes)", key.digest(), entry.meta.length)
 
 
-async def read_request_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it passes `limit`."""
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise BodyTooLarge()
-        # read() also consumes the end of the payload, which spares aiohttp a drain afterwards;
-        # the app's client_max_size is at least `limit`, so it never refuses what fits.
-        return await request.read()
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def stream_fill(
     request: web.Request, fill: Fill, reader: FillReader, key: CacheKey, *, collapsed: bool
 ) -> web.StreamResponse:
@@ -350,7 +336,7 @@ async def stream_fill(
         stored = fill.storable and fill.store_allowed
         ours = cache_headers(key, "miss", miss_status(collapsed=collapsed, stored=stored))
         if fill.error is not None:
-            failed = {**ours, hdrs.CACHE_CONTROL: "private"}
+            failed = {**ours, **fill.error.headers, hdrs.CACHE_CONTROL: "private"}
             return json_error(fill.error.status, fill.error.detail, headers=failed)
         response = web.StreamResponse(status=fill.status, reason=fill.reason)
         if collapsed:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,16 +13,25 @@ from proxy.speak import SpeakRequest
 
 
 class UpstreamError(Exception):
-    """The upstream could not answer: `status` is what the client gets (502 or 504).
+    """The upstream could not answer: `status` is what the client gets (502, 503 or 504).
 
-    `upstream_seconds` is how long the upstream was waited for, when that was timed.
+    `upstream_seconds` is how long the upstream was waited for, when that was timed; `headers`
+    go on the client's answer (a 503's Retry-After).
     """
 
-    def __init__(self, status: int, detail: str, *, upstream_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        upstream_seconds: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.upstream_seconds = upstream_seconds
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ DOWNLOAD_CHUNK: Final = 64 * 1024
 GZIP_PLAIN: Final = b"".join(b"line %d of a compressible text body\n" % i for i in range(2000))
 GZIP_BODY: Final = gzip.compress(GZIP_PLAIN, mtime=0)
 WS_CLOSE_PREFIX: Final = "close:"
+WS_SEND_PREFIX: Final = "send:"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,6 +69,8 @@ class FakeLegacyBackend:
         self.speak_plan: SpeakPlan | None = None
         # time.monotonic() when each SSE event was written, for timing assertions.
         self.sse_sent: list[float] = []
+        # The close code each WebSocket ended with, as the backend saw it.
+        self.ws_close_codes: list[int | None] = []
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -297,9 +300,13 @@ class FakeLegacyBackend:
                 if message.data.startswith(WS_CLOSE_PREFIX):
                     await ws.close(code=int(message.data[len(WS_CLOSE_PREFIX) :]))
                     break
+                if message.data.startswith(WS_SEND_PREFIX):  # "send:N": N bytes, binary
+                    await ws.send_bytes(b"\x5a" * int(message.data[len(WS_SEND_PREFIX) :]))
+                    continue
                 await ws.send_str(message.data)
             elif message.type is WSMsgType.BINARY:
                 await ws.send_bytes(message.data)
+        self.ws_close_codes.append(ws.close_code)
         return ws
 
     async def _slow(self, request: web.Request) -> web.Response:
