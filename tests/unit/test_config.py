@@ -144,3 +144,22 @@ def test_index_and_volume_validation(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env={}, overrides={key: value})
     assert caught.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"upstream.max_streams": 200}, "upstream.max_streams"),  # none left for the rest
+        ({"upstream.max_streams": 0}, "upstream.max_streams"),
+        ({"upstream.slot_wait_seconds": 0}, "upstream.slot_wait_seconds"),
+        ({"upstream.websocket_max_message_bytes": 0}, "upstream.websocket_max_message_bytes"),
+        ({"server.body_idle_timeout_seconds": 0}, "server.body_idle_timeout_seconds"),
+        ({"server.max_requests_per_client": -1}, "server.max_requests_per_client"),
+        ({"tts.body_timeout_seconds": -5}, "tts.body_timeout_seconds"),
+    ],
+)
+def test_resource_limits_validation(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, overrides=overrides)
+    assert caught.value.key == key
+    load_settings(env={}, overrides={"server.max_requests_per_client": 0})  # 0: no limit
