@@ -30,8 +30,6 @@ class SlotPool:
     """A fixed number of upstream slots; the wait for one is bounded."""
 
     def __init__(self, size: int, wait_seconds: float) -> None:
-        self.size = size
-        self.in_use = 0
         self._free = asyncio.Semaphore(size)
         self._wait = wait_seconds
 
@@ -45,11 +43,9 @@ class SlotPool:
                 raise UpstreamBusy() from None
         else:
             await self._free.acquire()  # a free slot: taken without suspending
-        self.in_use += 1
 
     def release(self) -> None:
         """Give a slot back."""
-        self.in_use -= 1
         self._free.release()
 
 
@@ -232,13 +228,6 @@ class ClientLimit:
 
     def client(self, request: web.BaseRequest) -> str | None:
         """The client `request` is counted against; None when it is not limited."""
-        named = self._identity.named_client(request)
-        if named is not None:
-            return named
-        if self._identity.trusted_peer(request):
-            return None
-        return request.remote or ""
-
-    def in_flight(self, client: str) -> int:
-        """Requests of `client` in flight now."""
-        return self._in_flight.get(client, 0)
+        if not self._identity.trusted_peer(request):
+            return request.remote or ""
+        return self._identity.named_client(request, trusted=True)  # None: the gateway itself

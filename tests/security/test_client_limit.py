@@ -41,6 +41,8 @@ async def test_a_client_past_its_limit_gets_429_and_everyone_else_is_served(
 
     assert [(await holder).status for holder in holders] == [200, 200]
     assert (await client.get("/echo", headers=MALLORY)).status == 200  # its requests ended
+    metrics = await (await client.get("/_proxy/metrics")).text()
+    assert 'tts_proxy_errors_total{kind="client_limit"} 2.0' in metrics
 
 
 async def test_an_untrusted_peer_is_limited_by_its_address(

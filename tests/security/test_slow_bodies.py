@@ -55,6 +55,8 @@ async def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
     assert fields["connection"] == "close"
     assert "detail" in json.loads(body)
     assert IDLE <= seconds < IDLE + 2  # the silence after the last byte, not the whole body
+    metrics = await (await client.get("/_proxy/metrics")).text()
+    assert 'tts_proxy_errors_total{kind="body_timeout"} 1.0' in metrics
 
 
 async def test_a_chunked_pass_through_body_that_stops_gets_408(

@@ -51,6 +51,8 @@ async def test_a_request_that_finds_no_free_slot_gets_503_with_retry_after(
 
     assert [(await holder).status for holder in holders] == [200, 200]
     assert (await client.get("/echo")).status == 200  # the slots came back
+    metrics = await (await client.get("/_proxy/metrics")).text()
+    assert 'tts_proxy_errors_total{kind="upstream_busy"} 1.0' in metrics
 
 
 async def test_a_speak_miss_waits_for_an_ordinary_slot_too(
