@@ -41,7 +41,7 @@ from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
-from proxy.storage.tiers import EntryStream
+from proxy.storage.tiers import CorruptEntry, EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import end_to_end, outgoing_headers
 
@@ -263,6 +263,9 @@ class SpeakHandler:
                 await response.write(chunk)
         except ConnectionError:
             return response  # the client left; nothing wrong with the entry
+        except CorruptEntry:
+            abort_connection(request)  # counted and removed by the Volume
+            return response
         except Exception as exc:
             self.cache.count_error("volume", "stream", key, exc)
             abort_connection(request)

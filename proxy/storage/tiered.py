@@ -48,6 +48,8 @@ class TieredCache:
         # write must not take the CPU from that request's first byte. drain() and delete() wait
         # for it.
         self.write_delay_seconds = write_delay_seconds
+        # Every tier call ends by then: a backstop past a Volume's own bounds (DurableTier), which
+        # count their overruns on its breaker; an overrun here is counted as an error only.
         self.timeout_seconds = timeout_seconds
         self.misses = 0
         self.errors: Counter[str] = Counter()
