@@ -43,7 +43,7 @@ from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
-from proxy.storage.volumes import build_volume
+from proxy.storage.volumes import backstop_seconds, build_volume
 from proxy.upstreams.http import HttpUpstream, client_session
 from proxy.upstreams.providers import ProviderChain, build_synthesizer, check_credentials
 
@@ -222,7 +222,7 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
     app[CACHE] = TieredCache(
         memory,
         volume,
-        timeout_seconds=cache_settings.volume.timeout_seconds,
+        timeout_seconds=backstop_seconds(cache_settings.volume),
         logger=log,
         after_volume_write=recorder,
         write_delay_seconds=WRITE_DELAY_SECONDS,

@@ -235,6 +235,7 @@ def _validate(settings: Settings) -> None:
         "tts.max_body_bytes": tts.max_body_bytes,
         "cache.max_entry_bytes": cache.max_entry_bytes,
         "cache.volume.timeout_seconds": cache.volume.timeout_seconds,
+        "cache.volume.lookup_budget_ms": cache.volume.lookup_budget_ms,
         "cache.volume.failure_threshold": cache.volume.failure_threshold,
         "cache.volume.cooldown_seconds": cache.volume.cooldown_seconds,
         "index.timeout_seconds": settings.index.timeout_seconds,
@@ -257,6 +258,7 @@ def _validate(settings: Settings) -> None:
         "cache.volume.user_max_bytes": cache.volume.user_max_bytes,
         "cache.volume.min_free_bytes": cache.volume.min_free_bytes,
         "server.max_requests_per_client": server.max_requests_per_client,
+        "cache.volume.verify_max_bytes": cache.volume.verify_max_bytes,
     }.items():
         if number < 0:
             raise ConfigError(key, f"must be 0 (off) or more, got {number}")

@@ -155,6 +155,9 @@ class Fill:
             held, self._held = self._held, b""
             self._accept(held)
             await self._read_body(response)
+            # One fill per key: the entry goes into the cache (_commit, without awaiting) before
+            # _end takes the fill out of the flight table, in the same turn, so a lookup finds
+            # one or the other, never neither (TieredCache keeps it readable until it is stored).
             if self.storable and not self.broken:
                 self._commit()
         except asyncio.CancelledError:

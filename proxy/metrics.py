@@ -132,11 +132,14 @@ class ProxyCollector(Collector):
 def error_counts(
     stats: CacheStats, cache: TieredCache, index: PostgresIndex | None
 ) -> dict[str, int]:
-    """Errors since start by kind: upstream, memory, volume, index, disk_full, ..."""
+    """Errors since start by kind: upstream, memory, volume, volume_corrupt, index, ..."""
     counts: dict[str, int] = {"upstream": 0, "volume": 0, "index": 0}
     for source in (stats.errors, cache.errors):
         for kind, total in source.items():
             counts[kind] = counts.get(kind, 0) + total
+    if cache.volume is not None:
+        # Entries a read found corrupt, removed and missed (the request went on as a miss).
+        counts["volume_corrupt"] = cache.volume.corrupt_entries
     if index is not None:
         counts["index"] += sum(index.errors.values())
     return counts

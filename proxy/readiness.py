@@ -14,7 +14,8 @@ from proxy.storage.tiers import DurableTier
 
 CHECK_TIMEOUT_SECONDS: Final = 2.0
 
-Check = Callable[[], Awaitable[bool]]
+# True (up), False (down), or a state in words.
+Check = Callable[[], Awaitable[bool | str]]
 
 
 class Readiness:
@@ -34,12 +35,12 @@ class Readiness:
             "upstream": lambda: upstream_answers(session, upstream_url)
         }
         if volume is not None:
-            self._checks["volume"] = volume.ping
+            self._checks["volume"] = lambda: volume_ready(volume)
         if index is not None:
             self._checks["index"] = index.ping
 
     async def check(self) -> dict[str, str]:
-        """Each check's name with "ok", "down" or "timeout"."""
+        """Each check's name with "ok", "down", "timeout" or (the Volume) "breaker-open"."""
         names = list(self._checks)
         results = await asyncio.gather(*(self._run(self._checks[name]) for name in names))
         return dict(zip(names, results, strict=True))
@@ -56,11 +57,19 @@ class Readiness:
     async def _run(self, check: Check) -> str:
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                return "ok" if await check() else "down"
+                answer = await check()
+                return answer if isinstance(answer, str) else "ok" if answer else "down"
         except TimeoutError:
             return "timeout"
         except Exception:
             return "down"
+
+
+async def volume_ready(volume: DurableTier) -> bool | str:
+    """ "breaker-open" while the Volume is not being called; else whether it can be written."""
+    if volume.breaker_state == "open":
+        return "breaker-open"
+    return await volume.ping()
 
 
 async def upstream_answers(session: aiohttp.ClientSession, url: str) -> bool:

@@ -99,6 +99,8 @@ class VolumeSettings:
     path: str = "var/volume"
     prefix: str = "tts_audio"
     timeout_seconds: float = 10.0
+    lookup_budget_ms: int = 500
+    verify_max_bytes: int = 16_777_216
     auth: Literal["app", "user"] = "app"
     retries: int = 2
     failure_threshold: int = 5

@@ -118,7 +118,10 @@ async def as_user(token: str | None, work: Callable[[], Awaitable[Any]]) -> Any:
     return await asyncio.create_task(run())
 
 
-async def collect(streamed: StreamedEntry) -> bytes:
+async def collect(streamed: StreamedEntry | Entry) -> bytes:
+    """The body of what `open` answered: a checked whole entry, or a stream read to its end."""
+    if isinstance(streamed, Entry):
+        return streamed.body
     try:
         return b"".join([chunk async for chunk in streamed])
     finally:

@@ -105,6 +105,10 @@ class AdminApi:
                 for user, entries, size in walk.top_users
             ]
         stats = self.stats
+        errors = {**dict(self.cache.errors), **dict(stats.errors)}
+        volume = self.cache.volume
+        if volume is not None and volume.corrupt_entries:
+            errors["volume_corrupt"] = volume.corrupt_entries
         return {
             "tiers": tiers,
             "requests": {
@@ -115,7 +119,7 @@ class AdminApi:
                 "stored": stats.stored,
                 "upstream_calls": stats.upstream_calls,
             },
-            "errors": {**dict(self.cache.errors), **dict(stats.errors)},
+            "errors": errors,
             "top_users": top_users,
             "janitor": self._janitor_json(),
             "disk": None

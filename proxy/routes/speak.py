@@ -45,7 +45,7 @@ from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
-from proxy.storage.tiers import EntryStream
+from proxy.storage.tiers import CorruptEntry, EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import end_to_end, outgoing_headers
 
@@ -172,17 +172,19 @@ class SpeakHandler:
         if fill is None:
             # 7. the Volume, as this user where the Volume acts as the user
             CURRENT_TOKEN.set(identity.token if identity else None)
-            found = await self.cache.open_volume(key)
-            if isinstance(found, Entry):
-                if parsed.matches(found.meta):
-                    await self._note_hit(key, "volume")
-                    log.debug("hit %s in the volume", key.digest())
-                    return self._replay(request, key, found, "volume")
-            elif found is not None:
-                if parsed.matches(found.meta):
-                    return await self._stream_hit(request, key, found)
-                await found.aclose()
+            mark = self.cache.put_mark()
+            served = await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
+            if served is not None:
+                return served
             fill = self.flights.joinable(flight)  # one may have started during the lookup
+            if fill is None and self.cache.put_since(key, mark):
+                # One fill per key: a fill that started and committed while this lookup was out
+                # left the flight table with its entry readable in this process (TieredCache),
+                # or, once written, in the Volume; this request is served what it stored.
+                served = await self._stored_since(request, key, parsed)
+                if served is not None:
+                    return served
+                fill = self.flights.joinable(flight)
         # 8. one fill per key
         collapsed = fill is not None
         if fill is None:
@@ -222,6 +224,37 @@ class SpeakHandler:
             reader = fill.reader()
         return await stream_fill(request, fill, reader, key, collapsed=collapsed)
 
+    async def _volume_hit(
+        self,
+        request: web.Request,
+        key: CacheKey,
+        parsed: ParsedSpeak,
+        found: Entry | EntryStream | None,
+    ) -> web.StreamResponse | None:
+        """The Volume's answer served when it matches the request; None to go on to a fill."""
+        if isinstance(found, Entry):
+            if parsed.matches(found.meta):
+                await self._note_hit(key, "volume")
+                log.debug("hit %s in the volume", key.digest())
+                return self._replay(request, key, found, "volume")
+        elif found is not None:
+            if parsed.matches(found.meta):
+                return await self._stream_hit(request, key, found)
+            await found.aclose()
+        return None
+
+    async def _stored_since(
+        self, request: web.Request, key: CacheKey, parsed: ParsedSpeak
+    ) -> web.StreamResponse | None:
+        """What a fill stored during this request's Volume lookup: from memory, else the Volume."""
+        entry = self.cache.get_memory(key)
+        if entry is not None:
+            if not parsed.matches(entry.meta):
+                return None
+            await self._note_hit(key, "memory")
+            return self._replay(request, key, entry, "memory")
+        return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
+
     async def _stream_hit(
         self, request: web.Request, key: CacheKey, stream: EntryStream
     ) -> web.StreamResponse:
@@ -243,6 +276,9 @@ class SpeakHandler:
                 await response.write(chunk)
         except ConnectionError:
             return response  # the client left; nothing wrong with the entry
+        except CorruptEntry:
+            abort_connection(request)  # counted and removed by the Volume
+            return response
         except Exception as exc:
             self.cache.count_error("volume", "stream", key, exc)
             abort_connection(request)

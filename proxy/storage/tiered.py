@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
@@ -16,6 +16,8 @@ from proxy.storage.tiers import DurableTier, EntryStream
 T = TypeVar("T")
 # How long the proxy waits before it writes a fresh entry to the Volume (see TieredCache).
 WRITE_DELAY_SECONDS = 0.01
+# How many keys' latest put the cache remembers for put_since (older marks answer True).
+RECENT_PUTS: Final = 4_096
 AfterVolumeWrite = Callable[[CacheKey, Entry], Awaitable[None]]
 
 
@@ -43,9 +45,11 @@ class TieredCache:
         self._pending_bytes = 0
         # A Volume write starts this long after its put: a fill ends when its client has the last
         # byte, which is when a client playing messages in turn asks for the next one, and the
-        # write must not take the CPU from that request's first byte. Invariant: from put until
-        # the write ends, the entry is readable from memory; drain() and delete() wait for it.
+        # write must not take the CPU from that request's first byte. drain() and delete() wait
+        # for it.
         self.write_delay_seconds = write_delay_seconds
+        # Every tier call ends by then: a backstop past a Volume's own bounds (DurableTier), which
+        # count their overruns on its breaker; an overrun here is counted as an error only.
         self.timeout_seconds = timeout_seconds
         self.misses = 0
         self.errors: Counter[str] = Counter()
@@ -55,7 +59,16 @@ class TieredCache:
         # Later puts for a key wait in _queued, so volume writes land in put order and a burst
         # of puts for one key costs one write after the one in flight.
         self._writers: dict[CacheKey, asyncio.Task[None]] = {}
+        # Invariant: an entry is readable (get_memory) from its put until the Volume has it,
+        # whatever the memory tier evicts meanwhile: waiting in _queued, then in _writing while
+        # its write is out. Otherwise a lookup in that window misses both tiers and synthesizes
+        # the key a second time. Both are bounded by max_pending_bytes.
         self._queued: dict[CacheKey, Entry] = {}
+        self._writing: dict[CacheKey, Entry] = {}
+        # The order of puts, for put_since: a lookup that started before a put cannot have seen it.
+        self._puts = 0
+        self._put_at: OrderedDict[CacheKey, int] = OrderedDict()
+        self._forgotten_before = 0
 
     @property
     def pending_writes(self) -> int:
@@ -75,15 +88,29 @@ class TieredCache:
         return None
 
     def get_memory(self, key: CacheKey) -> Entry | None:
-        """The memory tier's entry, without awaiting: the hot path."""
+        """The entry this process holds, without awaiting: the memory tier (the hot path), else
+        one put whose Volume write has not ended yet."""
         memory = self.memory
-        if memory is None:
-            return None
-        try:
-            return memory.get_nowait(key)
-        except Exception as exc:
-            self._failed(memory.name, "get", key, exc)
-            return None
+        if memory is not None:
+            try:
+                entry = memory.get_nowait(key)
+            except Exception as exc:
+                self._failed(memory.name, "get", key, exc)
+                entry = None
+            if entry is not None:
+                return entry
+        pending = self._queued.get(key)
+        return pending if pending is not None else self._writing.get(key)
+
+    def put_mark(self) -> int:
+        """A point in the order of puts, to hand to put_since after a lookup."""
+        return self._puts
+
+    def put_since(self, key: CacheKey, mark: int) -> bool:
+        """True when `key` was put after `mark` (or may have been: too many puts to remember)."""
+        if mark < self._forgotten_before:
+            return True
+        return self._put_at.get(key, -1) > mark
 
     async def open_volume(self, key: CacheKey) -> Entry | EntryStream | None:
         """The Volume's entry, streamed where the Volume can stream it; errors skip the tier.
@@ -137,6 +164,7 @@ class TieredCache:
 
     def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` in memory now and schedule its volume write in the background."""
+        self._note_put(key)
         self._memory_put(key, entry)
         volume = self.volume
         if volume is None:
@@ -165,6 +193,7 @@ class TieredCache:
         dropped = self._queued.pop(key, None)
         if dropped is not None:
             self._pending_bytes -= dropped.meta.length
+        self._writing.pop(key, None)  # no longer readable; its write is awaited below
         memory = self.memory
         if memory is not None:
             await self._call(memory.name, "delete", key, lambda: memory.delete(key))
@@ -184,6 +213,8 @@ class TieredCache:
             dropped = self._queued.pop(key, None)
             if dropped is not None:
                 self._pending_bytes -= dropped.meta.length
+        for key in [k for k in self._writing if covers(k)]:
+            del self._writing[key]
         writing = [task for key, task in self._writers.items() if covers(key)]
         if writing:
             await asyncio.wait(writing)
@@ -215,13 +246,17 @@ class TieredCache:
         try:
             if self.write_delay_seconds > 0:
                 await asyncio.sleep(self.write_delay_seconds)
-            while (entry := self._queued.pop(key, None)) is not None:
+            while (entry := self._queued.get(key)) is not None:
+                # Readable from _writing from the moment it leaves _queued (no await between).
+                self._writing[key] = self._queued.pop(key)
                 try:
                     written = await self._call(
                         volume.name, "put", key, lambda: _done(volume.put(key, entry))
                     )
                 finally:
                     self._pending_bytes -= entry.meta.length
+                    if self._writing.get(key) is entry:
+                        del self._writing[key]
                 if written and self._after_volume_write is not None:
                     await self._notify_written(key, entry)
         finally:
@@ -243,6 +278,14 @@ class TieredCache:
             await self._after_volume_write(key, entry)
         except Exception as exc:
             self._failed("index", "record", key, exc)
+
+    def _note_put(self, key: CacheKey) -> None:
+        self._puts += 1
+        self._put_at[key] = self._puts
+        self._put_at.move_to_end(key)
+        if len(self._put_at) > RECENT_PUTS:
+            _, oldest = self._put_at.popitem(last=False)
+            self._forgotten_before = oldest
 
     def _memory_put(self, key: CacheKey, entry: Entry) -> None:
         memory = self.memory

@@ -10,6 +10,14 @@ from proxy.storage.breaker import BreakerState
 from proxy.storage.entry import Entry, EntryInfo, EntryMeta
 
 
+class VolumeUnavailable(Exception):
+    """The Volume cannot be used now: its breaker is open, time ran out, or retries ran out."""
+
+
+class CorruptEntry(Exception):
+    """A stored object disagreed with its sidecar (length or sha256); the entry is being removed."""
+
+
 class Tier(Protocol):
     """A place entries live: memory, a local folder, a Databricks Volume."""
 
@@ -49,14 +57,27 @@ class DurableTier(Tier, Protocol):
 
     Layout and integrity rules are common to every Volume (`proxy.storage.layout`): an object
     beside its sidecar, the object written first and the sidecar last, and an object whose length
-    or sha256 disagrees with its sidecar removed and missed, never served.
+    or sha256 disagrees with its sidecar removed, counted (`corrupt_entries`) and missed, never
+    served: a hit up to `cache.volume.verify_max_bytes` is checked before `open` answers it, a
+    larger one streams with its last chunk held back until it passes.
+
+    Every Volume bounds its own calls and keeps a circuit breaker: a lookup (`get`, `open`) that
+    has no answer within `cache.volume.lookup_budget_ms` (a body then gets
+    `cache.volume.timeout_seconds`), or a write past `timeout_seconds`, raises and counts as a
+    failure, like an error; after `failure_threshold` of them in a row the Volume is not asked
+    (VolumeUnavailable at once) for `cooldown_seconds`.
     """
 
     kind: str
 
     @property
-    def breaker_state(self) -> BreakerState | None:
-        """The circuit breaker's state, or None for a Volume without one."""
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker's state: closed, open or half-open."""
+        ...
+
+    @property
+    def corrupt_entries(self) -> int:
+        """Entries found corrupt by a read (length or sha256 against the sidecar) since start."""
         ...
 
     @property

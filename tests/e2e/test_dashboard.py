@@ -127,7 +127,8 @@ def test_the_overview_shows_the_numbers_of_a_known_sequence(
         "volume-entries": "2",
         "errors-upstream": "0",
         "errors-volume": "0",
-        "breaker": "local folder (no breaker)",
+        "errors-volume_corrupt": "0",
+        "breaker": "local folder, breaker closed",
         "index-state": "not configured",
     }
     shown = {element_id: text_of(chrome, element_id) for element_id in expected}

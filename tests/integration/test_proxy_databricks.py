@@ -103,8 +103,15 @@ async def test_a_volume_hit_streams_before_the_whole_object_is_read(
     tmp_path: Path,
     emulator: FilesApiEmulator,
 ) -> None:
+    # Past cache.volume.verify_max_bytes a hit streams; up to it, it is checked whole first.
     settings = databricks_settings(
-        tmp_path, legacy_backend, **{"cache.memory.max_bytes": 0, "cache.volume.timeout_seconds": 5}
+        tmp_path,
+        legacy_backend,
+        **{
+            "cache.memory.max_bytes": 0,
+            "cache.volume.timeout_seconds": 5,
+            "cache.volume.verify_max_bytes": 16 * 1024,
+        },
     )
     client = await aiohttp_client(create_app(settings))
     _, _, audio = await speak(client, body())
@@ -121,7 +128,24 @@ async def test_a_volume_hit_streams_before_the_whole_object_is_read(
     assert first_byte < total / 2
 
 
-async def test_a_corrupt_volume_object_is_a_miss_and_is_replaced(
+def flip_bytes(emulator: FilesApiEmulator, path: str, first: int, last: int) -> None:
+    """Invert bytes first..last (inclusive) of a stored object, keeping its length."""
+    data = bytearray(emulator.read(path) or b"")
+    for index in range(first, last + 1):
+        data[index] ^= 0xFF
+    emulator.write(path, bytes(data))
+
+
+async def error_count(client: Any, kind: str) -> float:
+    async with client.get("/_proxy/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(f'tts_proxy_errors_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no errors counter for {kind}")
+
+
+async def test_a_corrupt_volume_object_is_a_miss_the_client_never_sees(
     aiohttp_client: Any,
     legacy_backend: FakeLegacyBackend,
     tmp_path: Path,
@@ -131,16 +155,40 @@ async def test_a_corrupt_volume_object_is_a_miss_and_is_replaced(
     client = await aiohttp_client(create_app(settings))
     _, _, audio = await speak(client, body())
     await client.app[CACHE].drain()
-    emulator.corrupt(OBJECT)
-    # The streamed hit starts, then is cut before its final chunk: never served as complete.
-    with pytest.raises(Exception):  # noqa: B017 - aiohttp payload error, any kind
-        await speak(client, body())
-    assert emulator.read(OBJECT) is None  # the torn entry was removed
+    flip_bytes(emulator, OBJECT, 100, 200)
+
     status, headers, again = await speak(client, body())
+
+    # A complete, correct body from the backend: the corrupt object never reached the client.
     assert (status, headers["X-TTS-Cache"], again) == (200, "miss", audio)
+    assert headers["Content-Length"] == str(len(audio))
+    assert legacy_backend.calls[SPEAK] == 2
+    await client.app[CACHE].drain()  # the new recording's write waits for the removal
+    assert emulator.count("DELETE", "files", ".mp3") == 1  # the corrupt object went
+    assert emulator.read(OBJECT) == audio  # and the fresh one replaced it
+    assert await error_count(client, "volume_corrupt") == 1
+    assert await error_count(client, "volume") == 0
+    status, headers, third = await speak(client, body())
+    assert (status, headers["X-TTS-Cache"], third) == (200, "hit", audio)
+
+
+async def test_a_range_on_the_audio_url_is_served_only_from_checked_bytes(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    settings = databricks_settings(tmp_path, legacy_backend, **{"cache.memory.max_bytes": 0})
+    client = await aiohttp_client(create_app(settings))
+    await speak(client, body())
     await client.app[CACHE].drain()
-    assert emulator.read(OBJECT) == audio
-    assert client.app[CACHE].errors["volume"] >= 1
+    flip_bytes(emulator, OBJECT, 100, 200)
+    async with client.get(
+        "/_proxy/audio/t-1/m-1/af_nicole", headers={**ALICE, "Range": "bytes=0-99"}
+    ) as response:
+        # Bytes 0-99 are intact, but they belong to an object that fails its digest.
+        assert response.status == 404
+    assert await error_count(client, "volume_corrupt") == 1
 
 
 @pytest.mark.parametrize("fault", ["fail", "throttle", "hang", "cut"])
@@ -227,3 +275,39 @@ async def test_on_behalf_of_tokens_are_used_for_their_own_user_only(
     assert emulator.tokens_used(prefix + "alice@example.com/") == {"alice-token"}
     assert emulator.tokens_used(prefix + "bob@example.com/") == {"bob-token"}
     assert APP_TOKEN not in emulator.tokens_used(prefix)
+
+
+async def test_a_hanging_volume_costs_the_budget_on_a_few_requests_then_nothing(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    settings = databricks_settings(
+        tmp_path,
+        legacy_backend,
+        **{
+            "cache.volume.timeout_seconds": 10.0,  # the default; lookup_budget_ms: 500
+            "cache.volume.failure_threshold": 3,
+            "cache.min_uses": 1_000,  # nothing is stored: only lookups reach the Volume
+        },
+    )
+    client = await aiohttp_client(create_app(settings))
+    emulator.hang_next(1_000)  # connections accepted, never answered
+    took: list[float] = []
+    asked: list[int] = []
+    for n in range(6):
+        started = time.monotonic()
+        status, headers, audio = await speak(client, body(message_id=f"m-{n}"))
+        took.append(time.monotonic() - started)
+        asked.append(emulator.count(endpoint="files"))
+        assert (status, headers["X-TTS-Cache"]) == (200, "miss")
+        assert audio == FakeLegacyBackend.audio_for("Hello there", "af_nicole")
+    # Three lookups waited the budget, then were misses; then the breaker was open.
+    assert all(0.45 <= seconds < 1.5 for seconds in took[:3]), took
+    assert all(seconds < 0.3 for seconds in took[3:]), took
+    assert asked[2] == asked[-1] <= 3  # nothing asked of the Volume once it opened
+    assert client.app[VOLUME].breaker_state == "open"
+    async with client.get("/_proxy/ready") as response:
+        ready = await response.json()
+    assert ready["checks"]["volume"] == "breaker-open"

@@ -18,7 +18,7 @@ from proxy.app import CACHE, create_app
 from proxy.config import Settings
 from tests.conftest import settings_for
 from tests.fakes.legacy_backend import FakeLegacyBackend
-from tests.support import ALICE, BOB, SPEAK, speak_body
+from tests.support import ALICE, BOB, SPEAK, TOKEN, speak_body
 
 
 def body(**change: Any) -> dict[str, Any]:
@@ -233,14 +233,15 @@ async def test_chunked_upstream_is_stored_when_complete(
 async def test_corrupt_volume_file_is_a_miss_and_is_replaced(
     aiohttp_client: Any, legacy_backend: FakeLegacyBackend, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, legacy_backend.url)
+    settings = settings_for(tmp_path, legacy_backend.url, **{"admin.token": TOKEN})
     first = await start(aiohttp_client, settings)
     _, _, audio = await speak(first, body())
     await wait_for_volume(first)
     await first.close()
     (obj,) = [p for p in volume_files(tmp_path) if p.suffix == ".mp3"]
     damaged = bytearray(obj.read_bytes())
-    damaged[100] ^= 0xFF
+    for index in range(100, 201):
+        damaged[index] ^= 0xFF
     obj.write_bytes(bytes(damaged))
 
     second = await start(aiohttp_client, settings)
@@ -249,6 +250,14 @@ async def test_corrupt_volume_file_is_a_miss_and_is_replaced(
     assert legacy_backend.calls[SPEAK] == 2
     await wait_for_volume(second)
     assert obj.read_bytes() == audio
+    # Counted as corruption, not as a Volume failure: the Volume answered.
+    async with second.get("/_proxy/metrics") as response:
+        metrics = await response.text()
+    assert 'tts_proxy_errors_total{kind="volume_corrupt"} 1.0' in metrics
+    assert 'tts_proxy_errors_total{kind="volume"} 0.0' in metrics
+    async with second.post("/_proxy/admin/login", data={"token": TOKEN}) as response:
+        overview = await response.text()  # the login redirects to the overview
+    assert '<td id="errors-volume_corrupt" class="bad">1</td>' in overview
 
 
 async def test_a_failing_volume_never_fails_a_request(

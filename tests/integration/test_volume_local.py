@@ -82,6 +82,9 @@ async def test_damaged_object_is_a_miss_and_removed(
 
     assert await volume.get(KEY) is None
     assert files_under(tmp_path) == []
+    # A missing object is a torn entry; the others are corrupt, and counted.
+    assert volume.corrupt_entries == (0 if damage == "delete" else 1)
+    assert volume.breaker_state == "closed" and volume.breaker.consecutive_failures == 0
 
 
 @pytest.mark.parametrize(
@@ -102,6 +105,7 @@ async def test_malformed_sidecar_is_a_miss_and_removed(tmp_path: Path, sidecar: 
 
     assert await volume.get(KEY) is None
     assert files_under(tmp_path) == []
+    assert volume.corrupt_entries == 1
 
 
 @pytest.mark.parametrize(
@@ -263,12 +267,13 @@ async def test_a_verified_hit_is_read_without_a_thread_and_checked_again(tmp_pat
     assert await volume.get(KEY) is None
 
 
-async def test_it_declares_itself_a_durable_tier_without_a_breaker(tmp_path: Path) -> None:
+async def test_it_declares_itself_a_durable_tier_with_a_breaker(tmp_path: Path) -> None:
     volume: DurableTier = LocalVolume(tmp_path)
     assert volume.kind == "local"
-    assert volume.breaker_state is None
+    assert volume.breaker_state == "closed"
+    assert volume.corrupt_entries == 0
     assert volume.walkable is True
-    assert volume.describe() == "local folder (no breaker)"
+    assert volume.describe() == "local folder, breaker closed"
 
 
 async def test_open_answers_the_whole_entry_as_get_does(tmp_path: Path) -> None:

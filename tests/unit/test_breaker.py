@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from proxy.storage.breaker import CircuitBreaker
+from proxy.storage.guard import guarded
+from proxy.storage.tiers import CorruptEntry, VolumeUnavailable
 
 
 class FakeClock:
@@ -109,3 +113,52 @@ def test_zero_cooldown_probes_at_once(clock: FakeClock) -> None:
 def test_rejects_bad_settings(threshold: int, cooldown: float) -> None:
     with pytest.raises(ValueError):
         CircuitBreaker(threshold, cooldown)
+
+
+# guarded: one bounded call behind the breaker
+
+
+async def test_a_call_past_its_bound_is_a_failure_like_an_error(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(2, 30.0, clock=clock)
+
+    async def hang() -> None:
+        await asyncio.sleep(3600)
+
+    async def fail() -> None:
+        raise OSError("disk gone")
+
+    with pytest.raises(VolumeUnavailable):
+        await guarded(breaker, 0.01, hang)
+    assert breaker.consecutive_failures == 1
+    with pytest.raises(OSError):
+        await guarded(breaker, 0.01, fail)
+    assert breaker.state == "open"
+
+    async def answer() -> int:
+        return 1
+
+    with pytest.raises(VolumeUnavailable, match="circuit breaker"):
+        await guarded(breaker, 1.0, answer)  # not even called while open
+    clock.now += 30.0
+    assert await guarded(breaker, 1.0, answer) == 1
+    assert breaker.state == "closed"
+
+
+async def test_a_corrupt_entry_is_an_answer_and_a_cancelled_call_no_verdict(
+    clock: FakeClock,
+) -> None:
+    breaker = CircuitBreaker(1, 30.0, clock=clock)
+
+    async def corrupt() -> None:
+        raise CorruptEntry("bad object")
+
+    with pytest.raises(CorruptEntry):
+        await guarded(breaker, 1.0, corrupt)
+    assert breaker.state == "closed"
+
+    task = asyncio.create_task(guarded(breaker, 10.0, lambda: asyncio.sleep(3600)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert breaker.state == "closed" and breaker.consecutive_failures == 0

@@ -10,7 +10,7 @@ import pytest
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
-from proxy.storage.tiered import TieredCache
+from proxy.storage.tiered import RECENT_PUTS, TieredCache
 
 KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
 LOGGER = logging.getLogger("test.tiered")
@@ -237,13 +237,18 @@ async def test_writes_for_one_key_land_in_order_and_coalesce() -> None:
 async def test_volume_read_does_not_overwrite_a_newer_pending_entry() -> None:
     volume = GatedVolume()
     volume.entries[KEY] = entry(b"old")
-    mem = MemoryTier(max_bytes=0, ttl_seconds=0, max_entry_bytes=0)
-    tiers = cache(mem, volume)
+    tiers = cache(memory(), volume)
     tiers.put(KEY, entry(b"new"))
 
     hit = await tiers.get(KEY)
+    found = await tiers.open_volume(KEY)
 
-    assert hit is not None and hit[1] == "volume"
+    # The pending entry is what a lookup finds; the Volume's older one, read all the same,
+    # does not replace it in memory.
+    assert hit is not None and hit[0].body == b"new"
+    assert isinstance(found, Entry) and found.body == b"old"
+    again = tiers.get_memory(KEY)
+    assert again is not None and again.body == b"new"
     volume.gate.set()
     await tiers.drain()
     assert volume.entries[KEY].body == b"new"
@@ -327,3 +332,56 @@ async def test_a_delete_within_the_delay_cancels_the_pending_write() -> None:
     await tiers.drain()
     assert "put" not in volume.calls and KEY not in volume.entries
     assert await tiers.get(KEY) is None
+
+
+async def test_an_entry_is_readable_until_the_volume_has_it_whatever_memory_evicts() -> None:
+    gated = GatedVolume()
+    # Room for one 2 KiB entry: each put evicts the one before.
+    small = MemoryTier(max_bytes=3_000, ttl_seconds=60, max_entry_bytes=100_000)
+    tiers = cache(small, gated)
+    keys = [CacheKey("u", "t", f"m{i}", "v") for i in range(3)]
+    for i, key in enumerate(keys):
+        tiers.put(key, entry(bytes([i]) * 2_000))
+    await asyncio.sleep(0.01)  # the first writes are out, the rest queued behind the gate
+    for i, key in enumerate(keys):
+        found = tiers.get_memory(key)
+        assert found is not None and found.body == bytes([i]) * 2_000
+    gated.gate.set()
+    await tiers.drain()
+    # Written: the Volume has them; memory keeps the last one only.
+    assert tiers.get_memory(keys[0]) is None
+    assert await tiers.get(keys[0]) == (gated.entries[keys[0]], "volume")
+
+
+async def test_a_delete_makes_an_entry_being_written_unreadable_at_once() -> None:
+    gated = GatedVolume()
+    tiers = cache(None, gated)
+    tiers.put(KEY, entry())
+    await asyncio.sleep(0.01)
+    assert tiers.get_memory(KEY) is not None  # its write is out
+    deleting = asyncio.create_task(tiers.delete(KEY))
+    await asyncio.sleep(0.01)
+    assert tiers.get_memory(KEY) is None  # while the delete waits for that write
+    gated.gate.set()
+    await deleting
+    assert KEY not in gated.entries
+
+
+def test_put_since_tells_whether_a_key_was_put_after_a_mark() -> None:
+    tiers = cache(memory(), None)
+    other = CacheKey("u", "t", "other", "v")
+    tiers.put(other, entry())
+    mark = tiers.put_mark()
+    assert not tiers.put_since(KEY, mark) and not tiers.put_since(other, mark)
+    tiers.put(KEY, entry())
+    assert tiers.put_since(KEY, mark) and not tiers.put_since(other, mark)
+    assert not tiers.put_since(KEY, tiers.put_mark())
+
+
+def test_put_since_answers_yes_for_a_mark_older_than_it_remembers() -> None:
+    tiers = cache(memory(), None)
+    mark = tiers.put_mark()
+    for i in range(RECENT_PUTS + 1):
+        tiers.put(CacheKey("u", "t", f"m{i}", "v"), entry())
+    assert tiers.put_since(KEY, mark)  # cannot tell any more: the caller looks again
+    assert not tiers.put_since(KEY, tiers.put_mark())

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from proxy.identity import CURRENT_TOKEN
-from proxy.storage.databricks.files_api import VolumeUnavailable
+from proxy.storage.tiers import VolumeUnavailable
 
 if TYPE_CHECKING:
     # Imported when used: the SDK costs ~45 MiB and most of a second, and a local Volume
@@ -46,7 +46,7 @@ class Credentials:
         self._config_options = dict(config_options or {})
         explicit_host = host or (config.host if config is not None else None)
         self._host = normalise_host(explicit_host) if explicit_host else None
-        self._config_lock = asyncio.Lock()
+        self._config_build: asyncio.Task[Config] | None = None
         self._auth_lock = asyncio.Lock()
         self._app_headers: dict[str, str] | None = None
         self._app_headers_until = 0.0
@@ -105,26 +105,42 @@ class Credentials:
         return headers
 
     async def _app_config(self, deadline: float) -> Config:
-        """databricks-sdk's unified auth Config, built once in a thread (it may call the host)."""
+        """databricks-sdk's unified auth Config, built once in a thread (it may call the host).
+
+        The build outlives a caller whose deadline runs out (a lookup's budget is short, and the
+        first build imports the SDK): the next caller awaits the same build, not a new one.
+        """
         if self._config is not None:
             return self._config
-        async with self._config_lock:
-            if self._config is None:
-                options = dict(self._config_options)
-                if self._host and "host" not in options:
-                    options["host"] = self._host
-                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-                try:
-                    async with asyncio.timeout(remaining):
-                        self._config = await asyncio.to_thread(_build_config, options)
-                except TimeoutError:
-                    raise VolumeUnavailable("Databricks configuration timed out") from None
-                except Exception as exc:
-                    # The SDK masks secrets in its messages; scrub known ones all the same.
-                    message = scrub(str(exc), options)
-                    logger.warning("databricks volume: configuration failed: %s", message)
-                    raise VolumeUnavailable("Databricks configuration failed") from None
-            return self._config
+        if self._config_build is None:
+            self._config_build = asyncio.get_running_loop().create_task(self._build_config())
+            self._config_build.add_done_callback(_retrieve)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(remaining):
+                return await asyncio.shield(self._config_build)
+        except TimeoutError:
+            raise VolumeUnavailable("Databricks configuration timed out") from None
+
+    async def _build_config(self) -> Config:
+        options = dict(self._config_options)
+        if self._host and "host" not in options:
+            options["host"] = self._host
+        try:
+            self._config = await asyncio.to_thread(_build_config, options)
+        except Exception as exc:
+            self._config_build = None  # the next caller tries again
+            # The SDK masks secrets in its messages; scrub known ones all the same.
+            message = scrub(str(exc), options)
+            logger.warning("databricks volume: configuration failed: %s", message)
+            raise VolumeUnavailable("Databricks configuration failed") from None
+        return self._config
+
+
+def _retrieve(build: asyncio.Task[Config]) -> None:
+    # Every caller may have left on its deadline: nobody else would look at a failed build.
+    if not build.cancelled():
+        build.exception()
 
 
 def normalise_host(host: str) -> str:

@@ -10,13 +10,15 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
 from multidict import CIMultiDictProxy
+
+from proxy.storage.tiers import VolumeUnavailable
 
 FILES_API: Final = "/api/2.0/fs/files"
 DIRECTORIES_API: Final = "/api/2.0/fs/directories"
@@ -29,10 +31,6 @@ _LISTING_LIMIT: Final = 16 * 1_048_576
 _ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 logger = logging.getLogger(__name__)
-
-
-class VolumeUnavailable(Exception):
-    """The Volume cannot be used now: the breaker is open, time ran out, or retries ran out."""
 
 
 class VolumeRequestFailed(Exception):
@@ -53,6 +51,12 @@ class Call:
     headers: Mapping[str, str]
     deadline: float
     digest: str
+    # A lookup's answer is due by then: each attempt's response head (the body by `deadline`).
+    answer_by: float | None = None
+
+    def answer_only(self) -> Call:
+        """This call with all of it due by `answer_by` (a small reply read with its head)."""
+        return self if self.answer_by is None else replace(self, deadline=self.answer_by)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,22 +125,25 @@ class FilesApi:
     ) -> Reply:
         """One Files API call, retried on 429/5xx and connection errors within the call's deadline.
 
-        Returns the first answer that retrying would not change (2xx, 404, other 4xx).
+        Returns the first answer that retrying would not change (2xx, 404, other 4xx). Each
+        attempt's response head is due by the call's `answer_by` when it has one.
         """
         # quote() keeps "/" and escapes the rest, as databricks-sdk does for these paths.
         url = f"{call.host}{api}{quote(path)}"
         request_headers = {**call.headers, **(headers or {})}
         loop = asyncio.get_running_loop()
+        head_by = call.deadline if call.answer_by is None else min(call.answer_by, call.deadline)
         attempt = 0
         while True:
-            remaining = call.deadline - loop.time()
-            if remaining <= 0:
+            now = loop.time()
+            remaining = call.deadline - now
+            if remaining <= 0 or head_by <= now:
                 raise VolumeUnavailable(f"Files API {method} timed out")
             retry_after: float | None = None
             try:
                 async with asyncio.timeout(remaining):
                     reply = await self._attempt(
-                        method, url, request_headers, params, data, limit, stream
+                        method, url, request_headers, params, data, limit, stream, head_by
                     )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = type(exc).__name__
@@ -153,7 +160,7 @@ class FilesApi:
                     f"Files API {method} failed after {attempt} attempts ({reason})"
                 )
             delay = retry_after if retry_after is not None else self._backoff(attempt)
-            if loop.time() + delay >= call.deadline:
+            if loop.time() + delay >= head_by:
                 raise VolumeUnavailable(f"Files API {method} failed ({reason}); no time to retry")
             logger.debug(
                 "volume %s retry %d in %.2fs after %s for %s",
@@ -247,10 +254,12 @@ class FilesApi:
         data: bytes | None,
         limit: int,
         stream: bool,
+        head_by: float,
     ) -> Reply:
-        response = await self._client_session().request(
-            method, url, headers=headers, params=params, data=data, allow_redirects=False
-        )
+        async with asyncio.timeout_at(head_by):
+            response = await self._client_session().request(
+                method, url, headers=headers, params=params, data=data, allow_redirects=False
+            )
         if stream and response.status == 200:
             # The caller streams the body and releases the response.
             return Reply(response.status, response.headers, b"", response)

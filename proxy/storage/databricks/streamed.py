@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import aiohttp
 
-from proxy.storage.databricks.files_api import VolumeUnavailable
 from proxy.storage.entry import EntryMeta
-
-
-class CorruptEntry(Exception):
-    """A streamed object disagreed with its sidecar; the entry has been removed."""
+from proxy.storage.tiers import CorruptEntry, VolumeUnavailable
 
 
 class StreamedEntry:
     """A Volume hit whose body streams as it arrives, checked against its sidecar on the way.
 
     Every chunk but the last is yielded as soon as it is read; the last one is held until the
-    length and sha256 match, and `CorruptEntry` is raised instead (the entry removed) when they
-    do not. Iterate once, then `aclose()` (also safe when the iteration stopped early).
+    length and sha256 match, and `CorruptEntry` is raised instead (`on_corrupt` told, which
+    removes the entry) when they do not. Iterate once, then `aclose()` (also safe when the
+    iteration stopped early).
     """
 
     def __init__(
@@ -31,7 +28,7 @@ class StreamedEntry:
         *,
         chunk_size: int,
         read_timeout: float,
-        on_corrupt: Callable[[], Awaitable[None]],
+        on_corrupt: Callable[[], None],
         on_broken: Callable[[], None],
     ) -> None:
         self.meta = meta
@@ -84,7 +81,7 @@ class StreamedEntry:
             ) from None
         finally:
             self._release()
-        await self._on_corrupt()
+        self._on_corrupt()
         raise CorruptEntry("the Volume object failed its integrity check; entry removed")
 
     async def _read(self) -> bytes:

@@ -15,15 +15,14 @@ from proxy.config import VolumeSettings
 from proxy.speak import CacheKey
 from proxy.storage.breaker import BreakerState, CircuitBreaker
 from proxy.storage.databricks.auth import Credentials
+from proxy.storage.databricks.entry_files import EntryFiles
 from proxy.storage.databricks.files_api import (
     DIRECTORIES_API,
     FILES_API,
     READ_CHUNK_BYTES,
     Call,
     FilesApi,
-    Reply,
     VolumeRequestFailed,
-    VolumeUnavailable,
     check,
 )
 from proxy.storage.databricks.maintenance import VolumeWalks
@@ -31,19 +30,16 @@ from proxy.storage.databricks.paths import VolumePaths
 from proxy.storage.databricks.streamed import StreamedEntry
 from proxy.storage.entry import Entry, EntryInfo, EntryMeta
 from proxy.storage.layout import (
-    MAX_SIDECAR_BYTES,
     encode_sidecar,
-    is_object_of,
     object_name,
-    parse_sidecar,
     require_valid,
 )
+from proxy.storage.tiers import CorruptEntry, VolumeUnavailable
 
 if TYPE_CHECKING:
     from databricks.sdk.config import Config
 
 _LOCK_STRIPES = 64
-_Sidecar = tuple[bool, tuple[EntryMeta, str] | None]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -53,7 +49,8 @@ class DatabricksVolume:
     """The durable tier on a Unity Catalog Volume, through the Files API over aiohttp.
 
     Layout and integrity rules are every Volume's (`proxy.storage.layout`). Every operation runs
-    behind a circuit breaker with a deadline of its own. Credentials come from databricks-sdk's
+    behind a circuit breaker with a deadline of its own (a lookup's answer within the lookup
+    budget, see DurableTier). Credentials come from databricks-sdk's
     unified auth (`auth = "app"`) or from the on-behalf-of token of the request being served
     (`auth = "user"`, `CURRENT_TOKEN`); without that token an operation is skipped.
     """
@@ -76,6 +73,8 @@ class DatabricksVolume:
         self.paths = VolumePaths.of(settings.path, settings.prefix)
         self.auth: Literal["app", "user"] = settings.auth
         self.timeout_seconds = settings.timeout_seconds
+        self.lookup_budget_seconds = settings.lookup_budget_ms / 1000
+        self.verify_max_bytes = settings.verify_max_bytes
         self.breaker = CircuitBreaker(
             max(1, settings.failure_threshold), max(0.0, settings.cooldown_seconds), clock=clock
         )
@@ -92,7 +91,11 @@ class DatabricksVolume:
         # Writes and checks of one key (put, delete, exists, orphan removal) take its stripe in
         # this process, so a check never judges a half-written entry and removes a good one.
         self._stripes = tuple(asyncio.Lock() for _ in range(_LOCK_STRIPES))
+        self._files = EntryFiles(self._api, self.paths)
         self._walks = VolumeWalks(self.paths, self._api, self._guarded, self._stripe)
+        self._corrupt = 0
+        # Removals of torn or corrupt entries found by lookups, run behind them (strong refs).
+        self._removals: set[asyncio.Task[None]] = set()
 
     @property
     def breaker_state(self) -> BreakerState:
@@ -104,6 +107,11 @@ class DatabricksVolume:
         """False with `auth = "user"`: outside a request there is no token to list with."""
         return self.auth != "user"
 
+    @property
+    def corrupt_entries(self) -> int:
+        """Entries found corrupt by a read since start (each removed)."""
+        return self._corrupt
+
     def describe(self) -> str:
         """The kind and the breaker's state, as the dashboard shows them."""
         return f"Databricks, breaker {self.breaker.state}"
@@ -111,15 +119,17 @@ class DatabricksVolume:
     # The Tier protocol
 
     async def get(self, key: CacheKey) -> Entry | None:
-        """The entry under `key`, or None; a torn, corrupt or malformed entry is removed."""
-        require_valid(key)
-        if self._skipped(key):
+        """The entry under `key` read whole and checked, or None; a bad one is removed."""
+        found = await self.open(key)
+        if not isinstance(found, StreamedEntry):
+            return found
+        try:
+            body = b"".join([chunk async for chunk in found])
+        except CorruptEntry:
             return None
-        # Reads take no lock: a hot key is read by every client at once. A read racing a write
-        # may see the old sidecar beside the new object; the removal then re-reads the sidecar
-        # first, so at worst one entry is lost (a later miss), and no client is ever served
-        # bytes that fail their digest.
-        return await self._guarded(key.digest(), lambda call: self._get(call, key))
+        finally:
+            await found.aclose()
+        return Entry(found.meta, body)
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, both overwritten in place."""
@@ -137,11 +147,17 @@ class DatabricksVolume:
         if self._skipped(key):
             return
         async with self._stripe(key):
-            await self._guarded(key.digest(), lambda call: self._remove_entry(call, key, None))
+            await self._guarded(key.digest(), lambda call: self._files.remove(call, key, None))
 
     async def aclose(self) -> None:
-        """Close the HTTP session this tier opened."""
+        """Let removals under way finish (each within its deadline), close the HTTP session."""
+        await self.settle()
         await self._api.aclose()
+
+    async def settle(self) -> None:
+        """Wait for the removals that lookups started (of torn or corrupt entries) to end."""
+        while self._removals:
+            await asyncio.wait(list(self._removals))
 
     # The DurableTier protocol
 
@@ -149,19 +165,28 @@ class DatabricksVolume:
         """Always None: a Databricks read always awaits the network (ask `open`)."""
         return None
 
-    async def open(self, key: CacheKey) -> StreamedEntry | None:
-        """A streamed hit whose first bytes do not wait for the whole object, or None."""
+    async def open(self, key: CacheKey) -> Entry | StreamedEntry | None:
+        """A hit checked whole (up to verify_max_bytes) or streamed with its last chunk held.
+
+        None on a miss, and on a torn or corrupt entry, removed behind the answer.
+        """
         require_valid(key)
         if self._skipped(key):
             return None
-        return await self._guarded(key.digest(), lambda call: self._open(call, key))
+        # Reads take no lock: a hot key is read by every client at once. A read racing a write
+        # may see the old sidecar beside the new object; the removal then re-reads the sidecar
+        # first, so at worst one entry is lost (a later miss), and no client is ever served
+        # bytes that fail their digest.
+        return await self._guarded(
+            key.digest(), lambda call: self._open(call, key), budget=self.lookup_budget_seconds
+        )
 
     async def read_meta(self, key: CacheKey) -> EntryMeta | None:
         """The sidecar's metadata; None when absent, malformed (kept) or without a token."""
         require_valid(key)
         if self._skipped(key):
             return None
-        _, parsed = await self._guarded(key.digest(), lambda call: self._sidecar(call, key))
+        _, parsed = await self._guarded(key.digest(), lambda call: self._files.sidecar(call, key))
         return parsed[0] if parsed is not None else None
 
     async def exists(self, key: CacheKey) -> bool:
@@ -235,31 +260,30 @@ class DatabricksVolume:
 
     # Operations, run under _guarded
 
-    async def _get(self, call: Call, key: CacheKey) -> Entry | None:
-        parsed = await self._sidecar_or_remove(call, key)
+    async def _open(self, call: Call, key: CacheKey) -> Entry | StreamedEntry | None:
+        found, parsed = await self._files.sidecar(call.answer_only(), key)
         if parsed is None:
+            if found:
+                logger.debug("volume sidecar of %s is malformed", call.digest)
+                self._discard(key, None, None, corrupt=True)
+            else:
+                logger.debug("volume miss %s", call.digest)
             return None
         meta, name = parsed
-        path = f"{self.paths.folder(key)}/{name}"
-        reply = await self._api.exchange(call, "GET", FILES_API, path, limit=meta.length)
-        body: bytes | None = None
-        if reply.status != 404:
+        path = self._files.object_path(key, name)
+        if meta.length <= self.verify_max_bytes:
+            # Checked whole before the first byte leaves: a bad object is then a plain miss.
+            reply = await self._api.exchange(call, "GET", FILES_API, path, limit=meta.length)
+            if reply.status == 404:
+                self._discard(key, meta, name, corrupt=False)
+                return None
             check(reply, "GET")
-            body = reply.body
-        entry = Entry(meta, body) if body is not None else None
-        if entry is None or not entry.intact():
-            logger.debug("volume entry %s is torn or corrupt: removed", call.digest)
-            await self._remove_if_unchanged(call, key, meta, name)
-            return None
-        logger.debug("volume hit %s", call.digest)
-        return entry
-
-    async def _open(self, call: Call, key: CacheKey) -> StreamedEntry | None:
-        parsed = await self._sidecar_or_remove(call, key)
-        if parsed is None:
-            return None
-        meta, name = parsed
-        path = f"{self.paths.folder(key)}/{name}"
+            entry = Entry(meta, reply.body) if reply.body is not None else None
+            if entry is None or not entry.intact():
+                self._discard(key, meta, name, corrupt=True)
+                return None
+            logger.debug("volume hit %s", call.digest)
+            return entry
         reply = await self._api.exchange(
             call, "GET", FILES_API, path, limit=meta.length, stream=True
         )
@@ -268,50 +292,61 @@ class DatabricksVolume:
             if reply.status != 404:
                 check(reply, "GET")
                 return None
-            await self._remove_if_unchanged(call, key, meta, name)
+            self._discard(key, meta, name, corrupt=False)
             return None
         if response.content_length is not None and response.content_length != meta.length:
             response.close()
-            logger.debug("volume entry %s has the wrong length: removed", call.digest)
-            await self._remove_if_unchanged(call, key, meta, name)
+            self._discard(key, meta, name, corrupt=True)
             return None
-
-        async def discard() -> None:
-            try:
-                await self._guarded(
-                    call.digest, lambda again: self._remove_if_unchanged(again, key, meta, name)
-                )
-            except Exception as exc:
-                logger.debug("volume removal of %s failed: %s", call.digest, type(exc).__name__)
-
         logger.debug("volume streamed hit %s", call.digest)
         return StreamedEntry(
             meta,
             response,
             chunk_size=self.chunk_size,
             read_timeout=self.timeout_seconds,
-            on_corrupt=discard,
+            on_corrupt=lambda: self._discard(key, meta, name, corrupt=True),
             on_broken=self.breaker.record_failure,
         )
 
+    def _discard(
+        self, key: CacheKey, meta: EntryMeta | None, name: str | None, *, corrupt: bool
+    ) -> None:
+        """Remove a torn or corrupt entry behind the lookup, which answers a miss at once."""
+        if corrupt:
+            self._corrupt += 1
+            logger.warning("volume entry %s failed its integrity check: removed", key.digest())
+        task = asyncio.get_running_loop().create_task(self._remove(key, meta, name))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def _remove(self, key: CacheKey, meta: EntryMeta | None, name: str | None) -> None:
+        # Under the key's stripe: a write of a fresh entry waits, or is seen and kept.
+        try:
+            async with self._stripe(key):
+                await self._guarded(
+                    key.digest(), lambda c: self._files.remove_if_unchanged(c, key, meta, name)
+                )
+        except Exception as exc:
+            logger.debug("volume removal of %s failed: %s", key.digest(), type(exc).__name__)
+
     async def _put(self, call: Call, key: CacheKey, entry: Entry) -> None:
         name, sidecar = encode_sidecar(key, entry.meta)
-        await self._api.upload(call, f"{self.paths.folder(key)}/{name}", entry.body)
+        await self._api.upload(call, self._files.object_path(key, name), entry.body)
         await self._api.upload(call, self.paths.sidecar(key), sidecar)
         # An earlier recording in another format would linger beside the new one.
         try:
-            for other in await self._objects_of(call, key):
+            for other in await self._files.objects_of(call, key):
                 if other != name:
-                    await self._api.delete_file(call, f"{self.paths.folder(key)}/{other}")
+                    await self._api.delete_file(call, self._files.object_path(key, other))
         except (VolumeUnavailable, VolumeRequestFailed) as exc:
             logger.debug("volume cleanup after put %s skipped: %s", call.digest, type(exc).__name__)
 
     async def _exists(self, call: Call, key: CacheKey) -> bool:
-        _, parsed = await self._sidecar(call, key)
+        _, parsed = await self._files.sidecar(call, key)
         if parsed is None:
             return False
         meta, name = parsed
-        path = f"{self.paths.folder(key)}/{name}"
+        path = self._files.object_path(key, name)
         head = await self._api.exchange(call, "HEAD", FILES_API, path)
         if head.status == 404:
             return False
@@ -319,65 +354,36 @@ class DatabricksVolume:
         length = head.headers.get("Content-Length")
         return length is None or length == str(meta.length)
 
-    async def _sidecar(self, call: Call, key: CacheKey) -> _Sidecar:
-        """(whether a sidecar is there, its metadata and object name when it is valid)."""
-        reply = await self._fetch_sidecar(call, key)
-        if reply.status == 404:
-            return False, None
-        check(reply, "GET")
-        return True, parse_sidecar(reply.body, key) if reply.body is not None else None
-
-    async def _sidecar_or_remove(self, call: Call, key: CacheKey) -> tuple[EntryMeta, str] | None:
-        """The sidecar's metadata and object name; None on a miss (a malformed one is removed)."""
-        found, parsed = await self._sidecar(call, key)
-        if not found:
-            logger.debug("volume miss %s", call.digest)
-        elif parsed is None:
-            logger.debug("volume sidecar of %s is malformed: removed", call.digest)
-            await self._remove_entry(call, key, None)
-        return parsed
-
-    async def _fetch_sidecar(self, call: Call, key: CacheKey) -> Reply:
-        path = self.paths.sidecar(key)
-        return await self._api.exchange(call, "GET", FILES_API, path, limit=MAX_SIDECAR_BYTES)
-
-    async def _remove_if_unchanged(
-        self, call: Call, key: CacheKey, meta: EntryMeta, name: str
-    ) -> None:
-        """Remove the entry unless another writer replaced its sidecar since it was read."""
-        reply = await self._fetch_sidecar(call, key)
-        if 200 <= reply.status < 300 and reply.body is not None:
-            current = parse_sidecar(reply.body, key)
-            if current is not None and current[0] != meta:
-                logger.debug("volume entry %s was replaced meanwhile: kept", call.digest)
-                return
-        await self._remove_entry(call, key, name)
-
-    async def _remove_entry(self, call: Call, key: CacheKey, name: str | None) -> None:
-        # Sidecar first: from then on a reader sees a miss, whatever objects remain.
-        await self._api.delete_file(call, self.paths.sidecar(key))
-        for other in [name] if name is not None else await self._objects_of(call, key):
-            await self._api.delete_file(call, f"{self.paths.folder(key)}/{other}")
-
-    async def _objects_of(self, call: Call, key: CacheKey) -> list[str]:
-        """The names of `key`'s objects in its folder, whatever their format."""
-        listing = await self._api.listing(call, self.paths.folder(key))
-        names = listing.files if listing is not None else {}
-        return [name for name in names if is_object_of(name, key.voice)]
-
     # Plumbing
 
-    async def _guarded(self, digest: str, operation: Callable[[Call], Awaitable[T]]) -> T:
-        """Run `operation` behind the breaker, with credentials and a deadline of its own."""
+    async def _guarded(
+        self,
+        digest: str,
+        operation: Callable[[Call], Awaitable[T]],
+        *,
+        budget: float | None = None,
+    ) -> T:
+        """Run `operation` behind the breaker, with credentials and a deadline of its own.
+
+        The deadline is `timeout_seconds` away. A lookup passes its `budget`: its answer
+        (credentials, sidecar, the object's response head) is due within it, and a body then
+        has `timeout_seconds`. Running out of time is a failure, like an error.
+        """
         if not self.breaker.allow():
             raise VolumeUnavailable("the Volume circuit breaker is open")
+        start = asyncio.get_running_loop().time()
+        answer_by = None if budget is None else start + budget
+        deadline = (start if answer_by is None else answer_by) + self.timeout_seconds
         try:
-            deadline = asyncio.get_running_loop().time() + self.timeout_seconds
-            host, headers = await self._credentials.for_call(deadline)
-            result = await operation(Call(host, headers, deadline, digest))
+            async with asyncio.timeout_at(deadline):
+                host, headers = await self._credentials.for_call(answer_by or deadline)
+                result = await operation(Call(host, headers, deadline, digest, answer_by))
         except asyncio.CancelledError:
             self.breaker.release()
             raise
+        except TimeoutError:
+            self.breaker.record_failure()
+            raise VolumeUnavailable("the Volume did not answer in time") from None
         except VolumeRequestFailed as exc:
             if self.auth == "user" and exc.status in (401, 403):
                 # One user's token says nothing about the Volume's health.

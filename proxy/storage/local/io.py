@@ -197,6 +197,36 @@ def read_file_bounded(path: Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
+def write_entry(folder: Path, voice: str, name: str, body: bytes, sidecar: bytes) -> None:
+    """Write an entry's object `name` then its sidecar into `folder`, both durable at return.
+
+    The caller holds the key's lock.
+    """
+    where = str(folder)
+    created = make_folder(where)
+    # Both files are written and synced under temporary names, then renamed object first,
+    # sidecar last (a reader never sees a sidecar before its object), then one folder sync makes
+    # both names durable. After a crash between the renames and that sync, a sidecar may have
+    # outlived its object's rename: the read verifies the object's length and digest against
+    # the sidecar, so such an entry is removed and missed, not served.
+    object_tmp = write_synced(where, body)
+    try:
+        sidecar_tmp = write_synced(where, sidecar)
+    except BaseException:
+        discard(object_tmp)
+        raise
+    try:
+        os.replace(object_tmp, os.path.join(where, name))
+        os.replace(sidecar_tmp, os.path.join(where, sidecar_name(voice)))
+    except BaseException:
+        discard(object_tmp)
+        discard(sidecar_tmp)
+        raise
+    fsync_dir(folder)
+    if not created:
+        remove_other_objects(where, voice, keep=name)
+
+
 def discard(path: str) -> None:
     """Remove the file at `path`, if it is there."""
     with contextlib.suppress(FileNotFoundError):

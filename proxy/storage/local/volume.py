@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from proxy.config import VolumeSettings
 from proxy.speak import CacheKey
-from proxy.storage.breaker import BreakerState
+from proxy.storage.breaker import BreakerState, CircuitBreaker
 from proxy.storage.entry import Entry, EntryInfo, EntryMeta
+from proxy.storage.guard import guarded
 from proxy.storage.layout import (
     encode_sidecar,
     object_name,
@@ -25,17 +28,14 @@ from proxy.storage.local import maintenance
 from proxy.storage.local.io import (
     KeyLocks,
     VolumeThreads,
-    discard,
     folder_writable,
-    fsync_dir,
     load_sidecar,
-    make_folder,
     read_file_bounded,
     remove_entry,
-    remove_other_objects,
     resolve_under,
-    write_synced,
+    write_entry,
 )
+from proxy.storage.tiers import CorruptEntry
 
 _FOLDER_CACHE: Final = 4_096
 _VERIFIED_CACHE: Final = 4_096
@@ -50,17 +50,33 @@ class LocalVolume:
 
     Layout (`proxy.storage.layout`) under `{root}/{prefix}`. Ids are validated before they become
     path segments, and every path is checked to stay under the root. The sidecar is written after
-    its object, so it never names an incomplete object.
+    its object, so it never names an incomplete object. A lookup (one thread's read of sidecar
+    and body, checked) is bounded by the lookup budget, a write by `timeout_seconds`, both behind
+    the breaker (a hung mount costs the budget on a few requests, then nothing).
     """
 
     name = "volume"
     kind = "local"
 
-    def __init__(self, root: str | Path, prefix: str = "tts_audio") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        prefix: str = "tts_audio",
+        *,
+        lookup_budget_seconds: float = VolumeSettings.lookup_budget_ms / 1000,
+        timeout_seconds: float = VolumeSettings.timeout_seconds,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         segments = prefix_segments(prefix)
         self.root = Path(root).resolve()
         self.prefix = prefix
         self.base = self.root.joinpath(*segments)
+        self.lookup_budget_seconds = lookup_budget_seconds
+        self.timeout_seconds = timeout_seconds
+        self.breaker = breaker or CircuitBreaker(
+            VolumeSettings.failure_threshold, VolumeSettings.cooldown_seconds
+        )
+        self._corrupt = 0
         self._locks = KeyLocks()
         self._threads = VolumeThreads()
         # Folders resolved once (resolving walks every path component with a syscall).
@@ -74,9 +90,14 @@ class LocalVolume:
         self._scratch = bytearray()
 
     @property
-    def breaker_state(self) -> BreakerState | None:
-        """None: a local folder has no circuit breaker."""
-        return None
+    def breaker_state(self) -> BreakerState:
+        """closed, open or half-open."""
+        return self.breaker.state
+
+    @property
+    def corrupt_entries(self) -> int:
+        """Entries found corrupt by a read since start (each removed)."""
+        return self._corrupt
 
     @property
     def walkable(self) -> bool:
@@ -85,7 +106,7 @@ class LocalVolume:
 
     def describe(self) -> str:
         """The Volume's kind and health, in words, for the dashboard."""
-        return "local folder (no breaker)"
+        return f"local folder, breaker {self.breaker.state}"
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """A hit read on the event loop, only when it cannot block; None means "ask get()".
@@ -95,7 +116,7 @@ class LocalVolume:
         read fail at once instead of waiting for the disk.
         """
         known = self._verified.get(key)
-        if known is None or _NOWAIT is None:
+        if known is None or _NOWAIT is None or self.breaker.state != "closed":
             return None
         length = known.meta.length
         try:
@@ -137,7 +158,12 @@ class LocalVolume:
     async def get(self, key: CacheKey) -> Entry | None:
         """The entry under `key`, or None; a corrupt or malformed entry is removed and missed."""
         require_valid(key)
-        return await self._threads.read(self._get_sync, key)
+        read = functools.partial(self._threads.read, self._get_sync, key)
+        try:
+            return await guarded(self.breaker, self.lookup_budget_seconds, read)
+        except CorruptEntry:
+            self._corrupt += 1
+            return None
 
     async def open(self, key: CacheKey) -> Entry | None:
         """The same as get: a local read is whole, never streamed."""
@@ -151,7 +177,8 @@ class LocalVolume:
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
         require_valid(key)
-        await self._threads.write(self._put_sync, key, entry)
+        write = functools.partial(self._threads.write, self._put_sync, key, entry)
+        await guarded(self.breaker, self.timeout_seconds, write)
 
     async def delete(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
@@ -256,16 +283,18 @@ class LocalVolume:
             if parsed is None:
                 if present:
                     remove_entry(folder, key.voice)
+                    raise CorruptEntry("malformed sidecar: removed")
                 return None
             meta, name = parsed
             try:
                 body = read_file_bounded(folder / name, meta.length)
             except FileNotFoundError:
-                body = None
+                remove_entry(folder, key.voice)  # torn: a sidecar without its object
+                return None
             entry = Entry(meta, body) if body is not None else None
             if entry is None or not entry.intact():
                 remove_entry(folder, key.voice)
-                return None
+                raise CorruptEntry("object disagrees with its sidecar: removed")
             self._remember(folder, key, meta, name)
             self._note_hit(folder, key)
             return entry
@@ -322,30 +351,8 @@ class LocalVolume:
             raise ValueError("entry body disagrees with its metadata")
         folder = self._entry_folder(key)
         name, sidecar_bytes = encode_sidecar(key, entry.meta)
-        where = str(folder)
         with self._locks.of(key):
-            created = make_folder(where)
-            # Both files are written and synced under temporary names, then renamed object first,
-            # sidecar last (a reader never sees a sidecar before its object), then one folder
-            # sync makes both names durable. After a crash between the renames and that sync, a
-            # sidecar may have outlived its object's rename: the read verifies the object's length
-            # and digest against the sidecar, so such an entry is removed and missed, not served.
-            object_tmp = write_synced(where, entry.body)
-            try:
-                sidecar_tmp = write_synced(where, sidecar_bytes)
-            except BaseException:
-                discard(object_tmp)
-                raise
-            try:
-                os.replace(object_tmp, os.path.join(where, name))
-                os.replace(sidecar_tmp, os.path.join(where, sidecar_name(key.voice)))
-            except BaseException:
-                discard(object_tmp)
-                discard(sidecar_tmp)
-                raise
-            fsync_dir(folder)
-            if not created:
-                remove_other_objects(where, key.voice, keep=name)
+            write_entry(folder, key.voice, name, entry.body, sidecar_bytes)
 
     def _delete_sync(self, key: CacheKey) -> None:
         folder = self._folder(key)

@@ -135,7 +135,8 @@ async def test_no_token_reaches_logs_or_exceptions(
     emulator.add_token("tok-alice-secret")
     app = make_volume(
         config_options={"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
-        settings={"timeout_seconds": 0.5, "retries": 1},
+        # Every hit streamed: a corrupt one then raises CorruptEntry as it ends.
+        settings={"timeout_seconds": 0.5, "retries": 1, "verify_max_bytes": 0},
     )
     user = make_volume(settings={"auth": "user", "timeout_seconds": 0.5, "retries": 1})
     raised: list[BaseException] = []

@@ -59,14 +59,33 @@ async def test_a_client_error_is_not_retried(
 async def test_429_retry_after_is_honoured(
     emulator: FilesApiEmulator, make_volume: MakeVolume
 ) -> None:
-    volume = make_volume()
+    # A lookup waits for a Retry-After only within its budget (here 1.5 s; 0.5 s by default).
+    volume = make_volume(settings={"lookup_budget_ms": 1_500})
     entry = entry_for(audio())
+    emulator.throttle_next(1, retry_after=1, method="PUT", path_suffix=".json")
+    started = time.monotonic()
     await volume.put(KEY, entry)
+    assert time.monotonic() - started >= 1.0
+    assert emulator.count("PUT", "files", ".json") == 2
     emulator.throttle_next(1, retry_after=1, path_suffix=".json")
     started = time.monotonic()
     assert await volume.get(KEY) == entry
     assert time.monotonic() - started >= 1.0
     assert emulator.count("GET", "files", ".json") == 2
+
+
+async def test_a_lookup_does_not_wait_for_a_retry_after_past_its_budget(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"timeout_seconds": 5.0})  # the budget: 0.5 s by default
+    entry = entry_for(audio())
+    await volume.put(KEY, entry)
+    emulator.throttle_next(1, retry_after=1, path_suffix=".json")
+    started = time.monotonic()
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)
+    assert time.monotonic() - started < 0.5
+    assert volume.breaker.consecutive_failures == 1
 
 
 async def test_a_retry_after_past_the_budget_is_not_waited_for(
@@ -101,11 +120,17 @@ async def test_a_body_cut_short_is_retried_or_missed_never_served(
     assert emulator.read(OBJECT) == entry.body
     assert await cache.get(KEY) is not None
 
-    # Streamed: the cut surfaces as an unavailable Volume, not as corruption.
-    streamed = await volume.open(KEY)
+    # A hit checked before it is sent: the cut is retried like any other read.
+    emulator.cut_next(1, path_suffix=".mp3")
+    assert await volume.open(KEY) == entry
+
+    # Streamed (past verify_max_bytes): the cut surfaces as an unavailable Volume, not as
+    # corruption.
+    streaming = make_volume(settings={"verify_max_bytes": 1024})
+    streamed = await streaming.open(KEY)
     assert streamed is not None
     emulator.cut_next(1, path_suffix=".mp3")
-    streamed_again = await volume.open(KEY)
+    streamed_again = await streaming.open(KEY)
     assert streamed_again is not None
     with pytest.raises(VolumeUnavailable):
         await collect(streamed_again)

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.speak import CacheKey
 from proxy.storage.databricks.files_api import VolumeUnavailable
-from proxy.storage.databricks.streamed import CorruptEntry
+from proxy.storage.databricks.streamed import CorruptEntry, StreamedEntry
 from proxy.storage.databricks.volume import DatabricksVolume
 from proxy.storage.tiered import TieredCache
 from tests.databricks_volume_support import (
@@ -116,7 +116,8 @@ async def test_put_in_another_format_removes_the_old_object(
 async def test_streamed_open_starts_before_the_whole_object_arrived(
     emulator: FilesApiEmulator, make_volume: MakeVolume
 ) -> None:
-    volume = make_volume(chunk_size=16 * 1024)
+    # Past verify_max_bytes a hit streams; up to it, it is checked whole first.
+    volume = make_volume(chunk_size=16 * 1024, settings={"verify_max_bytes": 128 * 1024})
     entry = entry_for(audio(256 * 1024))
     await volume.put(KEY, entry)
     emulator.chunk_delay = 0.04  # 16 chunks of 16 KiB: about 0.6 s for the whole object
@@ -207,9 +208,28 @@ async def test_a_corrupt_object_is_a_miss_and_both_files_go(
     await volume.put(KEY, entry_for(audio()))
     emulator.corrupt(OBJECT)
     assert await volume.get(KEY) is None
+    await volume.settle()  # the removal runs behind the answer
     assert emulator.read(OBJECT) is None
     assert emulator.read(SIDECAR) is None
     assert volume.breaker_state == "closed"
+    assert volume.corrupt_entries == 1
+
+
+async def test_a_hit_within_the_bound_is_checked_whole_before_open_answers(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume()  # verify_max_bytes: 16 MiB by default
+    entry = entry_for(audio(256 * 1024))
+    await volume.put(KEY, entry)
+    assert await volume.open(KEY) == entry  # a whole Entry, not a stream
+    emulator.corrupt(OBJECT)
+    reads = emulator.count("GET", "files", ".mp3")
+    assert await volume.open(KEY) is None  # not one byte to send: a miss
+    assert emulator.count("GET", "files", ".mp3") == reads + 1
+    assert volume.corrupt_entries == 1
+    assert volume.breaker.consecutive_failures == 0  # the Volume answered; the object is bad
+    await volume.settle()
+    assert emulator.read(OBJECT) is None and emulator.read(SIDECAR) is None
 
 
 async def test_an_object_of_the_wrong_length_is_a_miss(
@@ -221,6 +241,7 @@ async def test_an_object_of_the_wrong_length_is_a_miss(
         await volume.put(KEY, entry)
         emulator.write(OBJECT, entry.body[:-100])
         assert await reader(KEY) is None
+        await volume.settle()
         assert emulator.read(OBJECT) is None
         assert emulator.read(SIDECAR) is None
 
@@ -232,6 +253,7 @@ async def test_a_malformed_sidecar_is_a_miss_and_removed(
     await volume.put(KEY, entry_for(audio()))
     emulator.write(SIDECAR, b"{not json")
     assert await volume.get(KEY) is None
+    await volume.settle()
     assert emulator.read(SIDECAR) is None
     assert emulator.read(OBJECT) is None
 
@@ -252,13 +274,13 @@ async def test_a_sidecar_naming_another_key_is_refused(
 async def test_streamed_open_withholds_the_final_chunk_of_a_corrupt_object(
     emulator: FilesApiEmulator, make_volume: MakeVolume
 ) -> None:
-    volume = make_volume(chunk_size=16 * 1024)
+    volume = make_volume(chunk_size=16 * 1024, settings={"verify_max_bytes": 64 * 1024})
     entry = entry_for(audio(128 * 1024))
     await volume.put(KEY, entry)
     emulator.corrupt(OBJECT)
 
     streamed = await volume.open(KEY)
-    assert streamed is not None
+    assert isinstance(streamed, StreamedEntry)
     received = bytearray()
     with pytest.raises(CorruptEntry):
         async for chunk in streamed:
@@ -267,6 +289,8 @@ async def test_streamed_open_withholds_the_final_chunk_of_a_corrupt_object(
 
     assert len(received) < len(entry.body)
     assert len(received) >= len(entry.body) - 16 * 1024
+    await volume.settle()
+    assert volume.corrupt_entries == 1
     assert emulator.read(OBJECT) is None
     assert emulator.read(SIDECAR) is None
 
