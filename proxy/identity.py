@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Final, NamedTuple
 
@@ -21,6 +23,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PLAIN_CONNECTION: Final = frozenset(
     {None, "close", "keep-alive", "Keep-Alive", "upgrade", "Upgrade"}
 )
+
+log = logging.getLogger(__name__)
+# How often one peer address is warned about for sending identity headers while untrusted.
+UNTRUSTED_WARNING_SECONDS: Final = 600.0
 
 # The on-behalf-of token of the request being served, for tiers that act as the user.
 # Tasks started while serving a request (write-behind) inherit it; it is never stored or logged.
@@ -40,7 +46,9 @@ class Identity(NamedTuple):
 class IdentityResolver:
     """Reads identity headers, but only from trusted peers; strips them from others."""
 
-    def __init__(self, settings: IdentitySettings) -> None:
+    def __init__(
+        self, settings: IdentitySettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.mode: Final = settings.mode
         # istr: looked up on every speak call, and multidict matches these without lowering them.
         self.user_header: Final = istr(settings.user_header)
@@ -60,6 +68,9 @@ class IdentityResolver:
         # Peers are few (the proxies in front); parsing an address per request is not free.
         self._verdicts: dict[str, bool] = {}
         self._by_connection: dict[int, tuple[weakref.ref[asyncio.BaseTransport], bool]] = {}
+        # Peer addresses warned about, with when each may be warned about again.
+        self._warned: dict[str, float] = {}
+        self._clock = clock
         # Identities without a token are the same few users over and over: made once each.
         self._tokenless: dict[str, Identity] = {}
 
@@ -160,12 +171,33 @@ class IdentityResolver:
             drop = self._ambiguous_identity(headers)
         else:
             drop = [h for h in self._untrusted_drop if h in headers]
+            if drop and (self.user_header in drop or self.token_header in drop):
+                self._warn_untrusted(request)
         cookie = headers.get(hdrs.COOKIE)
         if cookie is not None and ADMIN_COOKIE in cookie:
             stripped = without(headers, drop)
             _drop_admin_cookie(stripped)
             return stripped
         return without(headers, drop) if drop else headers
+
+    def _warn_untrusted(self, request: web.BaseRequest) -> None:
+        """Say once per peer address and interval that its identity headers were dropped.
+
+        A gateway left out of identity.trusted_proxies looks exactly like this: every user's
+        identity dropped. Naming the address lets an operator trust it instead of guessing.
+        """
+        peer = request.remote or "-"
+        now = self._clock()
+        if now < self._warned.get(peer, 0.0):
+            return
+        if len(self._warned) >= 1024:
+            self._warned.clear()
+        self._warned[peer] = now + UNTRUSTED_WARNING_SECONDS
+        log.warning(
+            "identity headers from %s were dropped: it is not in identity.trusted_proxies"
+            " (add its address range there if it is the gateway in front of the proxy)",
+            peer,
+        )
 
     def _ambiguous_identity(self, headers: CIMultiDictProxy[str]) -> list[istr]:
         """The identity headers of a trusted request when they are repeated or lists."""

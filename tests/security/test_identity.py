@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from multidict import CIMultiDict
 
 from tests.conftest import MakeProxyClient, ProxyClient
@@ -116,3 +119,21 @@ async def test_the_family_from_a_trusted_gateway_reaches_the_backend(
     response = await proxy_client.get("/echo", headers={"X-Forwarded-User": "alice-id"})
 
     assert echoed_headers(await response.json())["X-Forwarded-User"] == "alice-id"
+
+
+async def test_identity_from_an_untrusted_peer_is_named_in_one_warning(
+    make_proxy_client: MakeProxyClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_proxy_client(**{"identity.trusted_proxies": ["10.0.0.0/8"]})
+    caplog.set_level(logging.WARNING, logger="proxy.identity")
+    for _ in range(3):
+        await (await client.get("/echo", headers={"X-Forwarded-Email": ALICE})).read()
+        await (
+            await client.post(SPEAK, json=speak_body(), headers={"X-Forwarded-Email": ALICE})
+        ).read()
+    await (await client.get("/echo")).read()
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.identity"]
+    assert len(warnings) == 1  # once per address and interval, not per request
+    assert "127.0.0.1" in warnings[0] and "identity.trusted_proxies" in warnings[0]
+    assert ALICE not in warnings[0]
