@@ -284,6 +284,10 @@ class Lab:
                     "cache.memory.max_bytes": 0,
                     "cache.volume.kind": "databricks",
                     "cache.volume.path": VOLUME,
+                    # The legacy design had no limiter: the Files API's own limits are what
+                    # would cap it, and the emulator models its latency, not its budget.
+                    "cache.volume.max_concurrent_calls": 256,
+                    "cache.volume.max_calls_per_second": 100_000.0,
                 },
                 env={"DATABRICKS_HOST": workspace, "DATABRICKS_TOKEN": TOKEN},
             )

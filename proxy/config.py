@@ -238,6 +238,8 @@ def _validate(settings: Settings) -> None:
         "cache.volume.lookup_budget_ms": cache.volume.lookup_budget_ms,
         "cache.volume.failure_threshold": cache.volume.failure_threshold,
         "cache.volume.cooldown_seconds": cache.volume.cooldown_seconds,
+        "cache.volume.max_concurrent_calls": cache.volume.max_concurrent_calls,
+        "cache.volume.max_calls_per_second": cache.volume.max_calls_per_second,
         "index.timeout_seconds": settings.index.timeout_seconds,
         "cache.min_uses": cache.min_uses,
         "cache.janitor_interval_seconds": cache.janitor_interval_seconds,

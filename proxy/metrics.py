@@ -121,6 +121,22 @@ class ProxyCollector(Collector):
             for name in BREAKER_STATES:
                 breaker.add_metric([name], 1.0 if state == name else 0.0)
             yield breaker
+        if volume is not None:
+            stats = volume.call_stats()
+            if stats.calls:
+                calls = CounterMetricFamily(
+                    f"{PREFIX}_volume_calls",
+                    "Files API attempts by method and outcome.",
+                    labels=["method", "outcome"],
+                )
+                for (method, outcome), total in sorted(stats.calls.items()):
+                    calls.add_metric([method, outcome], total)
+                yield calls
+                yield _counter(
+                    "volume_call_wait_seconds",
+                    "Seconds Files API calls waited for a slot (concurrency, rate, 429 pauses).",
+                    stats.wait_seconds,
+                )
         if self.index is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_index_available",

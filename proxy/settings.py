@@ -105,6 +105,9 @@ class VolumeSettings:
     retries: int = 2
     failure_threshold: int = 5
     cooldown_seconds: float = 30.0
+    # This replica's share of the workspace's Files API budget (about 10 concurrent, 100/s).
+    max_concurrent_calls: int = 8
+    max_calls_per_second: float = 80.0
     max_bytes: int = 0
     ttl_seconds: float = 0.0
     user_max_bytes: int = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from proxy.speak import CacheKey
 from proxy.storage.breaker import BreakerState
@@ -52,6 +52,13 @@ class EntryStream(Protocol):
         """Stop reading and release the connection."""
 
 
+class CallStats(NamedTuple):
+    """A remote Volume's API calls since start: (method, outcome) -> count; seconds waited."""
+
+    calls: Mapping[tuple[str, str], int]
+    wait_seconds: float
+
+
 class DurableTier(Tier, Protocol):
     """The Volume: entries that outlive the process, shared by every process and replica.
 
@@ -87,6 +94,11 @@ class DurableTier(Tier, Protocol):
 
     def describe(self) -> str:
         """The Volume's kind and health, in words, for the dashboard."""
+        ...
+
+    def call_stats(self) -> CallStats:
+        """Calls to a remote Volume's API by method and outcome, and time spent waiting for a
+        slot to make them (empty for a Volume that makes no API calls)."""
         ...
 
     def get_nowait(self, key: CacheKey) -> Entry | None:

@@ -177,6 +177,9 @@ class FilesApiEmulator(LocalServer):
         self.directories: set[str] = set(self.volumes)
         self.requests: list[RecordedRequest] = []
         self.calls: Counter[str] = Counter()
+        # Files API requests being answered now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.faults: list[Fault] = []
         self._presigned: dict[str, _Presigned] = {}
 
@@ -306,6 +309,10 @@ class FilesApiEmulator(LocalServer):
         request[_RECORD] = record
         self.requests.append(record)
         self.calls[f"{method} {raw if endpoint in ('oauth', 'metadata') else path}"] += 1
+        counted = endpoint not in ("oauth", "metadata")
+        if counted:  # the concurrency the Files API would see from this client
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             response = await self._route(request, method, endpoint, path, record.token)
         except FilesApiError as exc:
@@ -313,6 +320,9 @@ class FilesApiEmulator(LocalServer):
         except ConnectionResetError:
             # The client gave up (its timeout) while the emulator was slow: nothing to answer.
             raise asyncio.CancelledError from None
+        finally:
+            if counted:
+                self.in_flight -= 1
         record.status = response.status
         return response
 

@@ -60,6 +60,10 @@ def soak_settings(tmp_path: Path, backend: FakeLegacyBackend) -> Settings:
             "cache.volume.retries": 1,
             "cache.volume.failure_threshold": 3,
             "cache.volume.cooldown_seconds": 1.0,
+            # The emulator has no workspace budget to share: the limiter has tests of its own,
+            # and here it would only turn this load's Volume calls into skipped writes.
+            "cache.volume.max_concurrent_calls": 256,
+            "cache.volume.max_calls_per_second": 100_000.0,
             # About ten 48 KiB recordings: most replays come from the Volume, and a fresh entry
             # can be evicted from memory before its Volume write has ended.
             "cache.memory.max_bytes": 512 * 1024,

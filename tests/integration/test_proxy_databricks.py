@@ -311,3 +311,21 @@ async def test_a_hanging_volume_costs_the_budget_on_a_few_requests_then_nothing(
     async with client.get("/_proxy/ready") as response:
         ready = await response.json()
     assert ready["checks"]["volume"] == "breaker-open"
+
+
+async def test_metrics_count_files_api_calls_and_the_wait_for_the_limiter(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    client = await aiohttp_client(create_app(databricks_settings(tmp_path, legacy_backend)))
+    _, headers, _ = await speak(client, body())
+    assert headers["X-TTS-Cache"] == "miss"
+    await client.app[CACHE].drain()
+
+    async with client.get("/_proxy/metrics") as response:
+        text = await response.text()
+    assert 'tts_proxy_volume_calls_total{method="PUT",outcome="2xx"} 2.0' in text  # object, sidecar
+    assert 'tts_proxy_volume_calls_total{method="GET",' in text
+    assert "tts_proxy_volume_call_wait_seconds_total " in text

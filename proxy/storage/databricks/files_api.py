@@ -9,6 +9,7 @@ import math
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
@@ -18,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from proxy.storage.databricks.limiter import READ, WRITE, CallLimiter
 from proxy.storage.tiers import VolumeUnavailable
 
 FILES_API: Final = "/api/2.0/fs/files"
@@ -97,8 +99,13 @@ class FilesApi:
         session: aiohttp.ClientSession | None = None,
         jitter: Callable[[], float] = random.random,
         on_unauthorized: Callable[[], None] = lambda: None,
+        limiter: CallLimiter | None = None,
     ) -> None:
         self.retries = max(0, retries)
+        # One limiter for every call of the process: the workspace's budget is shared.
+        self.limiter = limiter or CallLimiter(concurrency=8, rate=80.0)
+        # Attempts by method and outcome (2xx, 404, 4xx, 429, 5xx, error), for the metrics.
+        self.calls: Counter[tuple[str, str]] = Counter()
         self._session = session
         self._owns_session = session is None
         self._jitter = jitter
@@ -140,14 +147,26 @@ class FilesApi:
             if remaining <= 0 or head_by <= now:
                 raise VolumeUnavailable(f"Files API {method} timed out")
             retry_after: float | None = None
+            priority = READ if method in ("GET", "HEAD") else WRITE
             try:
-                async with asyncio.timeout(remaining):
-                    reply = await self._attempt(
-                        method, url, request_headers, params, data, limit, stream, head_by
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                async with self.limiter.slot(priority, until=head_by):
+                    async with asyncio.timeout(remaining):
+                        reply = await self._attempt(
+                            method, url, request_headers, params, data, limit, stream, head_by
+                        )
+            except TimeoutError as exc:
+                if loop.time() >= head_by:
+                    raise VolumeUnavailable(f"Files API {method} had no answer in time") from exc
+                self.calls[(method, "error")] += 1
+                reason = type(exc).__name__
+            except aiohttp.ClientError as exc:
+                self.calls[(method, "error")] += 1
                 reason = type(exc).__name__
             else:
+                self.calls[(method, _outcome(reply.status))] += 1
+                if reply.status == 429:
+                    # The workspace is over its budget: every call of this process waits.
+                    self.limiter.pause(_retry_after(reply.headers) or self._backoff(attempt + 1))
                 if reply.status not in RETRYABLE_STATUSES:
                     if reply.status == 401:
                         self._on_unauthorized()
@@ -285,6 +304,12 @@ class FilesApi:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(_BACKOFF_CAP_SECONDS, _BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self._jitter() / 2)
+
+
+def _outcome(status: int) -> str:
+    if status in (404, 429):
+        return str(status)
+    return f"{status // 100}xx"
 
 
 def check(reply: Reply, method: str) -> None:

@@ -25,6 +25,7 @@ from proxy.storage.databricks.files_api import (
     VolumeRequestFailed,
     check,
 )
+from proxy.storage.databricks.limiter import CallLimiter
 from proxy.storage.databricks.maintenance import VolumeWalks
 from proxy.storage.databricks.paths import VolumePaths
 from proxy.storage.databricks.streamed import StreamedEntry
@@ -34,7 +35,7 @@ from proxy.storage.layout import (
     object_name,
     require_valid,
 )
-from proxy.storage.tiers import CorruptEntry, VolumeUnavailable
+from proxy.storage.tiers import CallStats, CorruptEntry, VolumeUnavailable
 
 if TYPE_CHECKING:
     from databricks.sdk.config import Config
@@ -87,6 +88,7 @@ class DatabricksVolume:
             session=session,
             jitter=jitter,
             on_unauthorized=self._credentials.forget,
+            limiter=CallLimiter(settings.max_concurrent_calls, settings.max_calls_per_second),
         )
         # Writes and checks of one key (put, delete, exists, orphan removal) take its stripe in
         # this process, so a check never judges a half-written entry and removes a good one.
@@ -115,6 +117,10 @@ class DatabricksVolume:
     def describe(self) -> str:
         """The kind and the breaker's state, as the dashboard shows them."""
         return f"Databricks, breaker {self.breaker.state}"
+
+    def call_stats(self) -> CallStats:
+        """Files API attempts by method and outcome, and the time spent waiting for the limiter."""
+        return CallStats(dict(self._api.calls), self._api.limiter.wait_seconds)
 
     # The Tier protocol
 

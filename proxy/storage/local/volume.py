@@ -35,7 +35,7 @@ from proxy.storage.local.io import (
     resolve_under,
     write_entry,
 )
-from proxy.storage.tiers import CorruptEntry
+from proxy.storage.tiers import CallStats, CorruptEntry
 
 _FOLDER_CACHE: Final = 4_096
 _VERIFIED_CACHE: Final = 4_096
@@ -107,6 +107,10 @@ class LocalVolume:
     def describe(self) -> str:
         """The Volume's kind and health, in words, for the dashboard."""
         return f"local folder, breaker {self.breaker.state}"
+
+    def call_stats(self) -> CallStats:
+        """Empty: a local folder makes no API calls."""
+        return CallStats({}, 0.0)
 
     def get_nowait(self, key: CacheKey) -> Entry | None:
         """A hit read on the event loop, only when it cannot block; None means "ask get()".

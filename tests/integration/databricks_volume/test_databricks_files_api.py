@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -168,3 +169,36 @@ async def test_added_latency_stays_within_budget(
     emulator.latency = 0.6  # two calls per get: the second runs out of budget
     with pytest.raises(VolumeUnavailable):
         await volume.get(KEY)
+
+
+# The process's share of the workspace's budget
+
+
+async def test_calls_never_exceed_the_configured_concurrency(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"max_concurrent_calls": 2, "lookup_budget_ms": 5_000})
+    emulator.latency = 0.05
+    keys = [KEY._replace(message_id=f"m-{n}") for n in range(12)]
+
+    found = await asyncio.gather(*(volume.get(key) for key in keys))
+
+    assert found == [None] * 12
+    assert emulator.max_in_flight == 2
+    stats = volume.call_stats()
+    assert stats.calls[("GET", "404")] == 12
+    assert stats.wait_seconds > 0.1  # ten of them waited for a slot
+
+
+async def test_a_429_slows_every_call_of_the_process(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    volume = make_volume(settings={"lookup_budget_ms": 5_000})
+    emulator.throttle_next(1, retry_after=1, path_suffix="m-0/af_nicole.meta.json")
+    first = asyncio.create_task(volume.get(KEY._replace(message_id="m-0")))
+    await asyncio.sleep(0.2)  # the 429 has come back: the whole process waits out its Retry-After
+    started = time.monotonic()
+    assert await volume.get(KEY._replace(message_id="m-1")) is None
+    assert time.monotonic() - started >= 0.6
+    assert await first is None
+    assert volume.call_stats().calls[("GET", "429")] == 1
