@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument(
+        "backend",
+        nargs="*",
+        metavar="-- CMD",
+        help="the legacy backend to start and supervise (overrides upstream.command)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -124,20 +130,37 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    sources: dict[str, str] = {}
+    settings = load_settings(args.config, sources=sources)
     tree = redacted(settings)
-    print(json.dumps(tree, indent=2) if args.json else to_toml(tree), end="")
+    # TOML: each value with where it came from, as a comment; JSON: the settings alone.
+    print(json.dumps(tree, indent=2) if args.json else to_toml(tree, notes=sources), end="")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _load(
         args,
-        **{"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None)},
+        **{
+            "server.host": getattr(args, "host", None),
+            "server.port": getattr(args, "port", None),
+            "upstream.command": getattr(args, "backend", None) or None,
+        },
     )
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
+    if settings.upstream.command:
+        if workers > 1:
+            # One backend for all workers is not built yet: refused rather than one per worker.
+            raise ConfigError("--workers", "cannot be combined with a backend command (yet)")
+        from proxy.supervisor import serve_with_backend
+
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(serve_with_backend(settings))
+        finally:
+            loop.close()
     if workers > 1:
         return _serve_workers(settings, workers)
     from proxy.access_log import access_log_options
