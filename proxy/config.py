@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
+from proxy.platform_env import LEGACY_VOLUME, PLATFORM_PORT, legacy_volume, platform_port
 from proxy.settings import (
     AdminSettings,
     CacheSettings,
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "TTS_PROXY_"
-# Set by Databricks Apps: the port the app must listen on, on every interface.
-PLATFORM_PORT = "DATABRICKS_APP_PORT"
 SECRET_KEYS = frozenset({"admin.token", "index.dsn", "index.password"})
 # A token guessed at the throttle's pace (admin/guard.py) must outlast any attacker: 32 characters.
 MIN_ADMIN_TOKEN_CHARS = 32
@@ -70,12 +69,13 @@ def load_settings(
     for dotted, raw in _env_values(environ).items():
         _set_dotted(tree, dotted, raw)
         origin[dotted] = f"environment ({ENV_PREFIX}{dotted.replace('.', '_').upper()})"
-    if _legacy_volume(tree, environ.get("DATABRICKS_VOLUME", "")):
-        origin["cache.volume.kind"] = origin["cache.volume.path"] = (
-            "environment (DATABRICKS_VOLUME)"
-        )
-    for dotted in _platform_port(tree, environ.get(PLATFORM_PORT, "")):
-        origin[dotted] = f"platform ({PLATFORM_PORT})"
+    for source, derived in (
+        (f"environment ({LEGACY_VOLUME})", legacy_volume(tree, environ.get(LEGACY_VOLUME, ""))),
+        (f"platform ({PLATFORM_PORT})", platform_port(tree, environ.get(PLATFORM_PORT, ""))),
+    ):
+        for dotted, value in derived.items():
+            _set_dotted(tree, dotted, value)
+            origin[dotted] = source
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
         origin[dotted] = "command line"
@@ -132,32 +132,6 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
-
-
-def _legacy_volume(tree: dict[str, Any], legacy: str) -> bool:
-    """DATABRICKS_VOLUME, as the legacy backend read it, when nothing more specific is set."""
-    volume = tree.get("cache", {}).get("volume", {})
-    if not legacy.strip() or not isinstance(volume, dict) or "kind" in volume or "path" in volume:
-        return False
-    _set_dotted(tree, "cache.volume.kind", "databricks")
-    _set_dotted(tree, "cache.volume.path", legacy.strip().rstrip("/"))
-    return True
-
-
-def _platform_port(tree: dict[str, Any], port: str) -> list[str]:
-    """DATABRICKS_APP_PORT: listen on 0.0.0.0 there, for what the file and environment leave out."""
-    server = tree.get("server", {})
-    if not port.strip() or not isinstance(server, dict):
-        return []
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(PLATFORM_PORT, f"expected a port number, got {port!r}") from None
-    platform = {"server.port": number, "server.host": "0.0.0.0"}
-    applied = [dotted for dotted in platform if dotted.split(".")[1] not in server]
-    for dotted in applied:
-        _set_dotted(tree, dotted, platform[dotted])
-    return applied
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
