@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -196,3 +197,69 @@ async def _watch(
     finally:
         for task in pending:
             task.cancel()
+
+
+class ParentBackend:
+    """The backend of `serve --workers N -- CMD`: one for all workers, started by the parent."""
+
+    # Blocking calls on purpose: the parent runs no event loop, only waits for its children.
+
+    def __init__(self, command: Sequence[str], port: int, start_timeout: float) -> None:
+        self.name = f"backend `{shlex.join(command)}`"
+        self.port = port
+        self.deadline = time.monotonic() + start_timeout
+        self.start_timeout = start_timeout
+        self.answered = False
+        env = {**os.environ, "DATABRICKS_APP_PORT": str(port), "PORT": str(port)}
+        try:
+            self.process = subprocess.Popen(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            raise BackendFailed(f"{self.name} could not start: {exc}") from None
+
+    def failure(self) -> str:
+        """ "" while the backend runs (answering, or still within its start bound); else why not."""
+        code = self.process.poll()
+        if code is not None:
+            return f"{self.name} exited on its own with code {code}: proxy stopping"
+        if self.answered:
+            return ""
+        try:
+            socket.create_connection(
+                ("127.0.0.1", self.port), timeout=PROBE_INTERVAL_SECONDS
+            ).close()
+        except OSError:
+            if time.monotonic() < self.deadline:
+                return ""
+            return (
+                f"{self.name} did not answer on 127.0.0.1:{self.port} "
+                f"within {self.start_timeout:g} s: proxy stopping"
+            )
+        self.answered = True
+        log.info("%s answers on 127.0.0.1:%d", self.name, self.port)
+        return ""
+
+    def stop(self, signum: int, within: float) -> None:
+        """Send `signum`, wait up to `within` seconds, then SIGKILL."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+        try:
+            self.process.wait(timeout=max(within, 0.1))
+        except subprocess.TimeoutExpired:
+            log.error("backend still running %.1f s after the stop signal: killed", within)
+            self.process.kill()
+            self.process.wait()
+
+
+def for_workers(settings: Settings, port: int) -> Settings:
+    """Workers' settings: upstream.url on the backend's port, their drain within stop_seconds."""
+    settings = with_backend_url(settings, port)
+    server = dataclasses.replace(settings.server, shutdown_timeout_seconds=drain_seconds(settings))
+    return dataclasses.replace(settings, server=server)

@@ -62,6 +62,8 @@ web.run_app(app, host="127.0.0.1", port=port, print=None, shutdown_timeout=5)
 PLATFORM_STOP_SECONDS = 15.0
 
 Start = Callable[..., Awaitable[ProxyProcess]]
+# One process, and workers sharing the one backend their parent started.
+WORKERS = [pytest.param(1, id="one-process"), pytest.param(2, id="two-workers")]
 
 
 @pytest.fixture
@@ -74,6 +76,7 @@ async def start_supervised(tmp_path: Path) -> AsyncIterator[Start]:
         *,
         env: Mapping[str, str] | None = None,
         backend: Sequence[str] | None = None,
+        workers: int = 1,
     ) -> ProxyProcess:
         script = tmp_path / "backend.py"
         script.write_text(BACKEND)
@@ -83,7 +86,7 @@ async def start_supervised(tmp_path: Path) -> AsyncIterator[Start]:
         config.write_text(toml_for(values))
         port = free_port()
         environment = {"DATABRICKS_APP_PORT": str(port), **(env or {})}
-        argv = ["serve", "--config", str(config), "--", *command]
+        argv = ["serve", "--config", str(config), "--workers", str(workers), "--", *command]
         proxy = await spawn_proxy(tmp_path, argv, port=port, env=environment)
         started.append(proxy)
         return proxy
@@ -128,10 +131,12 @@ async def wait_ready(proxy: ProxyProcess, within: float = 10.0) -> None:
     pytest.fail(f"the proxy never became ready\n{proxy.log()}")
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_backend_gets_its_own_port_and_readiness_waits_for_it(
     start_supervised: Start,
+    workers: int,
 ) -> None:
-    proxy = await start_supervised(env={"BACKEND_START_DELAY": "1.5"})
+    proxy = await start_supervised(env={"BACKEND_START_DELAY": "1.5"}, workers=workers)
 
     await proxy.wait_healthy()
     # Listening at once: health 200, readiness 503 until the backend answers.
@@ -144,14 +149,16 @@ async def test_backend_gets_its_own_port_and_readiness_waits_for_it(
             seen = await response.json()
     assert seen["DATABRICKS_APP_PORT"] == seen["PORT"]
     assert seen["PORT"] != str(proxy.port)
-    # The backend's stdout passes through.
+    # One backend, whatever the number of workers; its stdout passes through.
+    assert proxy.log().count("backend: listening on") == 1, proxy.log()
     assert f"backend: listening on {seen['PORT']}" in proxy.log()
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_sigterm_finishes_the_request_in_flight_and_stops_the_backend(
-    start_supervised: Start, tmp_path: Path
+    start_supervised: Start, workers: int, tmp_path: Path
 ) -> None:
-    proxy = await start_supervised()
+    proxy = await start_supervised(workers=workers)
     await proxy.wait_healthy()
     await wait_ready(proxy)
     backend = backend_pid(tmp_path)
@@ -176,10 +183,11 @@ async def test_sigterm_finishes_the_request_in_flight_and_stops_the_backend(
     assert gone(backend)
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_a_backend_that_exits_stops_the_proxy_with_one_line(
-    start_supervised: Start, tmp_path: Path
+    start_supervised: Start, workers: int, tmp_path: Path
 ) -> None:
-    proxy = await start_supervised(env={"BACKEND_EXIT_AFTER": "1.0"})
+    proxy = await start_supervised(env={"BACKEND_EXIT_AFTER": "1.0"}, workers=workers)
     await proxy.wait_healthy()
 
     code = await asyncio.wait_for(proxy.process.wait(), timeout=10)
@@ -191,11 +199,14 @@ async def test_a_backend_that_exits_stops_the_proxy_with_one_line(
     assert "backend.py" in lines[0]
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_a_backend_that_never_answers_fails_the_start_within_the_bound(
     start_supervised: Start,
+    workers: int,
 ) -> None:
     never = [sys.executable, "-c", "import time; time.sleep(60)"]
-    proxy = await start_supervised({"upstream.start_timeout_seconds": 1.0}, backend=never)
+    settings = {"upstream.start_timeout_seconds": 1.0}
+    proxy = await start_supervised(settings, backend=never, workers=workers)
     started = time.monotonic()
 
     code = await asyncio.wait_for(proxy.process.wait(), timeout=10)
@@ -206,26 +217,6 @@ async def test_a_backend_that_never_answers_fails_the_start_within_the_bound(
     assert len(lines) == 1, proxy.log()
     assert "time.sleep(60)" in lines[0]
     assert "within 1 s" in lines[0]
-
-
-def test_workers_with_a_backend_command_is_a_config_error(tmp_path: Path) -> None:
-    config = tmp_path / "proxy.toml"
-    config.write_text(toml_for({"cache.volume.path": str(tmp_path / "volume")}))
-
-    result = subprocess.run(
-        [*PROXY_MODULE, "serve", "--config", str(config), "--workers", "2", "--", "true"],
-        cwd=tmp_path,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "config error: --workers: cannot be combined with a backend command (yet)"
-    ], result.stderr
 
 
 async def test_databricks_app_port_is_where_the_proxy_listens(
