@@ -186,8 +186,8 @@ def _serve_workers(settings: Settings, count: int) -> int:
     from proxy.app import create_app
     from proxy.heap import single_arena
 
-    backend_port = loopback_port()
-    if settings.upstream.command:
+    backend_port = loopback_port() if settings.upstream.command else 0
+    if backend_port:
         settings = for_workers(settings, backend_port)
     single_arena()  # before the fork: every worker inherits it
     create_app(settings)  # a configuration the app refuses stops here, with exit code 2
@@ -208,7 +208,7 @@ def _serve_workers(settings: Settings, count: int) -> int:
 
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
-        if settings.upstream.command:
+        if backend_port:
             # One backend for all workers, the parent's child: the workers only relay to it.
             try:
                 backend = ParentBackend(

@@ -31,6 +31,8 @@ import asyncio, os, signal, sys, time
 from aiohttp import web
 
 port = int(os.environ["DATABRICKS_APP_PORT"])
+if os.environ.get("BACKEND_IGNORES_SIGTERM"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 open(sys.argv[1], "w").write(str(os.getpid()))
 time.sleep(float(os.environ.get("BACKEND_START_DELAY", "0")))
 
@@ -180,6 +182,26 @@ async def test_sigterm_finishes_the_request_in_flight_and_stops_the_backend(
     assert code == 0, proxy.log()
     assert time.monotonic() - stopped_at < PLATFORM_STOP_SECONDS
     assert "backend: stopping" in proxy.log()  # it got the signal and stopped gracefully
+    assert gone(backend)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_a_backend_deaf_to_sigterm_is_killed_within_stop_seconds(
+    start_supervised: Start, workers: int, tmp_path: Path
+) -> None:
+    settings = {"upstream.stop_seconds": 3.0}
+    proxy = await start_supervised(settings, env={"BACKEND_IGNORES_SIGTERM": "1"}, workers=workers)
+    await proxy.wait_healthy()
+    await wait_ready(proxy)
+    backend = backend_pid(tmp_path)
+    stopped_at = time.monotonic()
+
+    proxy.process.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proxy.process.wait(), timeout=10)
+
+    assert time.monotonic() - stopped_at < 3.0 + 1.5, proxy.log()
+    assert code == 0, proxy.log()
+    assert "backend still running" in proxy.log()
     assert gone(backend)
 
 
