@@ -157,8 +157,9 @@ async def test_backend_gets_its_own_port_and_readiness_waits_for_it(
 
 
 @pytest.mark.parametrize("workers", WORKERS)
-async def test_sigterm_finishes_the_request_in_flight_and_stops_the_backend(
-    start_supervised: Start, workers: int, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_finishes_the_request_in_flight_and_stops_the_backend(
+    start_supervised: Start, workers: int, signum: int, tmp_path: Path
 ) -> None:
     proxy = await start_supervised(workers=workers)
     await proxy.wait_healthy()
@@ -174,7 +175,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_stops_the_backend(
         in_flight = asyncio.create_task(slow_request())
         await asyncio.sleep(0.5)
         stopped_at = time.monotonic()
-        proxy.process.send_signal(signal.SIGTERM)
+        proxy.process.send_signal(signum)
         status, body = await asyncio.wait_for(in_flight, timeout=5)
         code = await asyncio.wait_for(proxy.process.wait(), timeout=PLATFORM_STOP_SECONDS)
 
