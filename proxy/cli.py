@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
 from proxy.log_lines import quiet_malformed_requests
+from proxy.supervisor import BackendFailed, ParentBackend, for_workers, loopback_port
 
 EXIT_CONFIG = 2
 EXIT_WORKER_FAILED = 1
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_argument(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "backend",
+        nargs="*",
+        metavar="-- CMD",
+        help="the legacy backend to start and supervise (overrides upstream.command)",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -124,20 +131,34 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    sources: dict[str, str] = {}
+    settings = load_settings(args.config, sources=sources)
     tree = redacted(settings)
-    print(json.dumps(tree, indent=2) if args.json else to_toml(tree), end="")
+    # TOML: each value with where it came from, as a comment; JSON: the settings alone.
+    print(json.dumps(tree, indent=2) if args.json else to_toml(tree, notes=sources), end="")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _load(
         args,
-        **{"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None)},
+        **{
+            "server.host": getattr(args, "host", None),
+            "server.port": getattr(args, "port", None),
+            "upstream.command": getattr(args, "backend", None) or None,
+        },
     )
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
+    if settings.upstream.command and workers == 1:
+        from proxy.supervisor import serve_with_backend
+
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(serve_with_backend(settings))
+        finally:
+            loop.close()
     if workers > 1:
         return _serve_workers(settings, workers)
     from proxy.access_log import access_log_options
@@ -165,21 +186,37 @@ def _serve_workers(settings: Settings, count: int) -> int:
     from proxy.app import create_app
     from proxy.heap import single_arena
 
+    backend_port = loopback_port() if settings.upstream.command else 0
+    if backend_port:
+        settings = for_workers(settings, backend_port)
     single_arena()  # before the fork: every worker inherits it
     create_app(settings)  # a configuration the app refuses stops here, with exit code 2
     context = multiprocessing.get_context("fork")
     parent = os.getpid()
     workers: list[ForkProcess] = []
     received: list[int] = []
+    backend: ParentBackend | None = None
+    stop_by = [float("inf")]  # when the backend must be gone: upstream.stop_seconds after a signal
 
     def forward(signum: int, frame: FrameType | None) -> None:
         if os.getpid() != parent:  # a worker between fork and its own handlers
             return
+        if not received:
+            stop_by[0] = time.monotonic() + settings.upstream.stop_seconds
         received.append(signum)
         _signal_workers(workers, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
+        if backend_port:
+            # One backend for all workers, the parent's child: the workers only relay to it.
+            try:
+                backend = ParentBackend(
+                    settings.upstream.command, backend_port, settings.upstream.start_timeout_seconds
+                )
+            except BackendFailed as exc:
+                print(f"tts-cache-proxy: {exc}", file=sys.stderr, flush=True)
+                return EXIT_WORKER_FAILED
         for index in range(count):
             worker = context.Process(
                 target=_worker_main,
@@ -202,21 +239,37 @@ def _serve_workers(settings: Settings, count: int) -> int:
             " ".join(str(w.pid) for w in workers),
         )
         grace = settings.server.shutdown_timeout_seconds + WORKER_EXIT_MARGIN_SECONDS
-        return _supervise(workers, received, grace)
+        if backend is not None:  # the workers' drain, then the backend's share of the stop
+            grace = settings.server.shutdown_timeout_seconds + 0.5
+        return _supervise(workers, received, grace, backend)
     finally:
         _signal_workers(workers, signal.SIGKILL)
         for worker in workers:
             worker.join()
+        if backend is not None:
+            left = min(stop_by[0], time.monotonic() + settings.upstream.stop_seconds)
+            backend.stop(received[0] if received else signal.SIGTERM, left - time.monotonic())
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _supervise(workers: list[ForkProcess], received: list[int], grace: float) -> int:
-    """Wait for the workers; one that exits unasked stops the others. Returns the exit code."""
+def _supervise(
+    workers: list[ForkProcess],
+    received: list[int],
+    grace: float,
+    backend: ParentBackend | None = None,
+) -> int:
+    """Wait for the workers; one that exits unasked, or a failed backend, stops the others."""
     running = {worker.sentinel: worker for worker in workers}
     failed = False
     deadline: float | None = None
     while running:
+        failure = backend.failure() if backend is not None and not received else ""
+        if failure:
+            print(f"tts-cache-proxy: {failure}", file=sys.stderr, flush=True)
+            failed = True
+            received.append(signal.SIGTERM)
+            _signal_workers(list(running.values()), signal.SIGTERM)
         if received and deadline is None:
             deadline = time.monotonic() + grace
         if deadline is not None and time.monotonic() >= deadline:
@@ -302,67 +355,14 @@ def _demo(args: argparse.Namespace) -> int:
         args,
         **{"server.host": args.host, "server.port": args.port, "upstream.url": backend_url},
     )
+    from proxy.demo_cli import run_demo
+
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_run_demo(settings, args.backend_port))
+        loop.run_until_complete(run_demo(settings, args.backend_port))
     finally:
         loop.close()
     return 0
-
-
-async def _run_demo(settings: Settings, backend_port: int) -> None:
-    from proxy.access_log import access_log_options
-    from proxy.app import create_app
-    from proxy.demo import create_demo_app
-
-    host, port = settings.server.host, settings.server.port
-    backend = web.AppRunner(create_demo_app())
-    proxy = web.AppRunner(
-        create_app(settings),
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
-        **access_log_options(settings),
-    )
-    await backend.setup()
-    await proxy.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await web.TCPSite(backend, host, backend_port).start()
-        await web.TCPSite(proxy, host, port).start()
-        print(_demo_banner(host, port, backend_port), flush=True)
-        await stop.wait()
-    finally:
-        await proxy.cleanup()
-        await backend.cleanup()
-
-
-def _demo_banner(host: str, port: int, backend_port: int) -> str:
-    body = (
-        '{"text": "Hello from the cache", "voice": "af_nicole", '
-        '"message_id": "m-1", "thread_id": "t-1", "save_to_volume": true}'
-    )
-    speak = (
-        f"curl -s -o /dev/null -D - -X POST http://{host}:{port}/api/tts/speak "
-        f"-H 'Content-Type: application/json' -H 'X-Forwarded-Email: demo@example.com' "
-        f"-d '{body}'"
-    )
-    return "\n".join(
-        [
-            f"demo backend on http://{host}:{backend_port}, proxy on http://{host}:{port}",
-            "",
-            "1. the first call is a miss (X-TTS-Cache: miss):",
-            f"   {speak}",
-            "2. the same call again is a hit (X-TTS-Cache: hit):",
-            f"   {speak}",
-            "3. the audio, cached, by its Content-Location (Range works too):",
-            f"   curl -s -o hello.wav -H 'X-Forwarded-Email: demo@example.com' "
-            f"http://{host}:{port}/_proxy/audio/t-1/m-1/af_nicole",
-            "",
-            "Ctrl-C stops both.",
-        ]
-    )
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
+from proxy.platform_env import LEGACY_VOLUME, PLATFORM_PORT, legacy_volume, platform_port
 from proxy.settings import (
     AdminSettings,
     CacheSettings,
@@ -56,17 +57,30 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> Settings:
     """Load defaults, then the TOML file, then the environment, then `overrides`; validate."""
     tree: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path is not None:
         tree = _read_toml(Path(path))
+        origin.update(dict.fromkeys(_leaves(tree), "file"))
     environ = os.environ if env is None else env
     for dotted, raw in _env_values(environ).items():
         _set_dotted(tree, dotted, raw)
-    _legacy_volume(tree, environ.get("DATABRICKS_VOLUME", ""))
+        origin[dotted] = f"environment ({ENV_PREFIX}{dotted.replace('.', '_').upper()})"
+    for source, derived in (
+        (f"environment ({LEGACY_VOLUME})", legacy_volume(tree, environ.get(LEGACY_VOLUME, ""))),
+        (f"platform ({PLATFORM_PORT})", platform_port(tree, environ.get(PLATFORM_PORT, ""))),
+    ):
+        for dotted, value in derived.items():
+            _set_dotted(tree, dotted, value)
+            origin[dotted] = source
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
+        origin[dotted] = "command line"
+    if sources is not None:
+        sources.update({key: origin.get(key, "default") for key in all_keys()})
     settings = typing.cast(Settings, _build(Settings, tree, ""))
     _validate(settings)
     return settings
@@ -109,13 +123,15 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def _legacy_volume(tree: dict[str, Any], legacy: str) -> None:
-    """DATABRICKS_VOLUME, as the legacy backend read it, when nothing more specific is set."""
-    volume = tree.get("cache", {}).get("volume", {})
-    if not legacy.strip() or not isinstance(volume, dict) or "kind" in volume or "path" in volume:
-        return
-    _set_dotted(tree, "cache.volume.kind", "databricks")
-    _set_dotted(tree, "cache.volume.path", legacy.strip().rstrip("/"))
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a TOML tree sets (tables flattened)."""
+    keys: list[str] = []
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            keys.extend(_leaves(value, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -232,6 +248,8 @@ def _validate(settings: Settings) -> None:
         "server.body_idle_timeout_seconds": server.body_idle_timeout_seconds,
         "tts.body_timeout_seconds": tts.body_timeout_seconds,
         "upstream.provider_timeout_seconds": upstream.provider_timeout_seconds,
+        "upstream.start_timeout_seconds": upstream.start_timeout_seconds,
+        "upstream.stop_seconds": upstream.stop_seconds,
         "tts.max_body_bytes": tts.max_body_bytes,
         "cache.max_entry_bytes": cache.max_entry_bytes,
         "cache.volume.timeout_seconds": cache.volume.timeout_seconds,
@@ -342,22 +360,25 @@ def _strip_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def to_toml(tree: Mapping[str, Any], prefix: str = "") -> str:
-    """Render a nested settings dict as TOML (values, then sub-tables)."""
+def to_toml(
+    tree: Mapping[str, Any], prefix: str = "", notes: Mapping[str, str] | None = None
+) -> str:
+    """Render a nested settings dict as TOML (values, then sub-tables); `notes` as comments."""
     lines: list[str] = []
     tables: list[tuple[str, Mapping[str, Any]]] = []
     for name, value in tree.items():
         if isinstance(value, Mapping):
             tables.append((f"{prefix}{name}", value))
         else:
-            lines.append(f"{name} = {_toml_value(value)}")
+            note = (notes or {}).get(f"{prefix}{name}")
+            lines.append(f"{name} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
     out = ""
     if prefix and lines:
         out += f"[{prefix.rstrip('.')}]\n"
     if lines:
         out += "\n".join(lines) + "\n\n"
     for dotted, table in tables:
-        out += to_toml(table, dotted + ".")
+        out += to_toml(table, dotted + ".", notes)
     return out
 
 

@@ -1,0 +1,67 @@
+"""`tts-cache-proxy demo`: the demo backend and the proxy in one process, and its banner."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from aiohttp import web
+
+from proxy.config import Settings
+
+
+async def run_demo(settings: Settings, backend_port: int) -> None:
+    """Serve the demo backend and the proxy until SIGINT or SIGTERM."""
+    from proxy.access_log import access_log_options
+    from proxy.app import create_app
+    from proxy.demo import create_demo_app
+
+    host, port = settings.server.host, settings.server.port
+    backend = web.AppRunner(create_demo_app())
+    proxy = web.AppRunner(
+        create_app(settings),
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        **access_log_options(settings),
+    )
+    await backend.setup()
+    await proxy.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(backend, host, backend_port).start()
+        await web.TCPSite(proxy, host, port).start()
+        print(demo_banner(host, port, backend_port), flush=True)
+        await stop.wait()
+    finally:
+        await proxy.cleanup()
+        await backend.cleanup()
+
+
+def demo_banner(host: str, port: int, backend_port: int) -> str:
+    """What to try, printed at start."""
+    body = (
+        '{"text": "Hello from the cache", "voice": "af_nicole", '
+        '"message_id": "m-1", "thread_id": "t-1", "save_to_volume": true}'
+    )
+    speak = (
+        f"curl -s -o /dev/null -D - -X POST http://{host}:{port}/api/tts/speak "
+        f"-H 'Content-Type: application/json' -H 'X-Forwarded-Email: demo@example.com' "
+        f"-d '{body}'"
+    )
+    return "\n".join(
+        [
+            f"demo backend on http://{host}:{backend_port}, proxy on http://{host}:{port}",
+            "",
+            "1. the first call is a miss (X-TTS-Cache: miss):",
+            f"   {speak}",
+            "2. the same call again is a hit (X-TTS-Cache: hit):",
+            f"   {speak}",
+            "3. the audio, cached, by its Content-Location (Range works too):",
+            f"   curl -s -o hello.wav -H 'X-Forwarded-Email: demo@example.com' "
+            f"http://{host}:{port}/_proxy/audio/t-1/m-1/af_nicole",
+            "",
+            "Ctrl-C stops both.",
+        ]
+    )
