@@ -12,18 +12,13 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config import Settings
-from proxy.fill import Fill, FillBroken, FillReader, FlightKey, Flights
+from proxy.fill import Fill, FlightKey, Flights
 from proxy.headers import (
     DISABLED,
-    VIA,
     age_of,
-    cache_headers,
     for_origin,
     hit_headers,
-    make_private,
-    miss_status,
     origin_bound,
-    replay_only,
 )
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
@@ -32,12 +27,12 @@ from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission, cacheable_key, entry_matches
 from proxy.request_context import (
     REQUEST_ID_HEADER,
-    UPSTREAM_SECONDS,
     client_or_new_id,
     request_id,
     stamp_request_id,
 )
 from proxy.routes.bodies import BodyTimedOut, BodyTooLarge, body_timed_out, read_request_body
+from proxy.routes.miss import stream_fill
 from proxy.routes.passthrough import Passthrough
 from proxy.routes.responses import abort_connection, json_error
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
@@ -47,7 +42,7 @@ from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import CorruptEntry, EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
-from proxy.upstreams.http import end_to_end, outgoing_headers
+from proxy.upstreams.http import outgoing_headers
 
 log = logging.getLogger(__name__)
 
@@ -358,49 +353,3 @@ class SpeakHandler:
         self.stats.stored += 1
         self.cache.put(key, entry)
         log.debug("stored %s (%d bytes)", key.digest(), entry.meta.length)
-
-
-async def stream_fill(
-    request: web.Request, fill: Fill, reader: FillReader, key: CacheKey, *, collapsed: bool
-) -> web.StreamResponse:
-    """Send one client the fill's response through its reader, chunk by chunk, from the first."""
-    try:
-        await fill.wait_ready()
-        if not collapsed and fill.upstream_seconds is not None:
-            # For the access log: the upstream was waited for by the fill's first request only.
-            request[UPSTREAM_SECONDS] = fill.upstream_seconds
-        stored = fill.storable and fill.store_allowed
-        ours = cache_headers(key, "miss", miss_status(collapsed=collapsed, stored=stored))
-        if fill.error is not None:
-            failed = {**ours, **fill.error.headers, hdrs.CACHE_CONTROL: "private"}
-            return json_error(fill.error.status, fill.error.detail, headers=failed)
-        response = web.StreamResponse(status=fill.status, reason=fill.reason)
-        if collapsed:
-            # A joined client gets what a hit would replay, never the first client's exchange
-            # (its Set-Cookie), and CORS headers only for the origin they were made for.
-            headers = replay_only(fill.headers)
-            if origin_bound(headers):
-                headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
-            length = fill.headers.get(hdrs.CONTENT_LENGTH)
-            if length is not None and length.isdigit():
-                response.content_length = int(length)
-        else:
-            headers = end_to_end(fill.headers)
-        response.headers.extend(headers)
-        response.headers.add(hdrs.VIA, VIA)
-        response.headers.update(ours)
-        make_private(response.headers)
-        if hdrs.CONTENT_LENGTH not in fill.headers:
-            response.enable_chunked_encoding()
-        stamp_request_id(request, response)
-        await response.prepare(request)
-        try:
-            async for chunk in reader:
-                await response.write(chunk)
-        except FillBroken:
-            abort_connection(request)
-            return response
-        await response.write_eof()
-        return response
-    finally:
-        reader.close()
