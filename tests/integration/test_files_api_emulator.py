@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,24 +19,13 @@ from databricks.sdk.errors import (
     PermissionDenied,
 )
 
+from tests.databricks_volume_support import (  # noqa: F401 - autouse: no ambient config
+    _no_ambient_databricks_config,
+)
 from tests.fakes.files_api import FilesApiEmulator
 
 PAT = "dapi-app-token"
 VOLUME = "/Volumes/main/default/tts"
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_databricks_config(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[None]:
-    """Nothing from this machine's environment or ~/.databrickscfg leaks into the SDK."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("DATABRICKS_", "ARM_", "AZURE_", "GOOGLE_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
-    yield
 
 
 @pytest.fixture
