@@ -67,7 +67,7 @@ def load_settings(
         origin.update(dict.fromkeys(_leaves(tree), "file"))
     environ = os.environ if env is None else env
     for dotted, raw in _env_values(environ).items():
-        _set_dotted(tree, dotted, raw)
+        _set_dotted(tree, dotted, EnvText(raw))
         origin[dotted] = f"environment ({ENV_PREFIX}{dotted.replace('.', '_').upper()})"
     for source, derived in (
         (f"environment ({LEGACY_VOLUME})", legacy_volume(tree, environ.get(LEGACY_VOLUME, ""))),
@@ -84,6 +84,13 @@ def load_settings(
     settings = typing.cast(Settings, _build(Settings, tree, ""))
     _validate(settings)
     return settings
+
+
+class EnvText(str):
+    """A value from the environment: text by nature, so it may spell a number or a boolean.
+
+    A file's values are typed by TOML; only an `EnvText` is parsed into another type.
+    """
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -166,7 +173,7 @@ def _build(cls: type[Any], table: Any, prefix: str) -> Any:
 
 def _coerce(key: str, kind: Any, raw: Any) -> Any:
     """Turn a TOML value or an environment string into `kind`, or say why not."""
-    from_env = isinstance(raw, str)
+    from_env = isinstance(raw, EnvText)
     origin = get_origin(kind)
     if origin is Literal:
         allowed = get_args(kind)
@@ -210,7 +217,7 @@ def _coerce(key: str, kind: Any, raw: Any) -> Any:
 
 
 def _coerce_list(key: str, raw: Any) -> list[str]:
-    if isinstance(raw, str):
+    if isinstance(raw, EnvText):
         text = raw.strip()
         if text.startswith("["):
             try:

@@ -68,6 +68,10 @@ def test_environment_list_as_json() -> None:
     ("text", "key"),
     [
         ('[server]\nport = "abc"\n', "server.port"),
+        ('[server]\nport = "8081"\n', "server.port"),
+        ('[server]\naccess_log = "true"\n', "server.access_log"),
+        ('[server]\nshutdown_timeout_seconds = "3"\n', "server.shutdown_timeout_seconds"),
+        ('[identity]\ntrusted_proxies = "10.0.0.0/8"\n', "identity.trusted_proxies"),
         ("[server]\nprot = 1\n", "server.prot"),
         ('[upstream]\nurl = "ftp://x"\n', "upstream.url"),
         ('[upstream]\nurl = "http://x:99999"\n', "upstream.url"),
@@ -88,6 +92,20 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
         load_settings(path, env={})
     assert caught.value.key == key
     assert str(caught.value).startswith(key)
+
+
+def test_a_file_value_is_typed_but_the_same_text_from_the_environment_is_parsed() -> None:
+    # TOML says what a value is; the environment has only text, so there it is parsed.
+    settings = load_settings(
+        env={
+            "TTS_PROXY_SERVER_PORT": "8081",
+            "TTS_PROXY_SERVER_ACCESS_LOG": "false",
+            "TTS_PROXY_IDENTITY_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1/32",
+        }
+    )
+    assert settings.server.port == 8081
+    assert settings.server.access_log is False
+    assert settings.identity.trusted_proxies == ["10.0.0.0/8", "127.0.0.1/32"]
 
 
 def test_missing_file() -> None:
