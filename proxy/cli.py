@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
+from proxy.listen import SERVE_PORT, check_free, listening
 from proxy.log_lines import quiet_malformed_requests
 from proxy.supervisor import BackendFailed, ParentBackend, for_workers, loopback_port
 
@@ -167,15 +168,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     single_arena()
     app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
-        **access_log_options(settings),
-        loop=new_event_loop(),
-        print=lambda message: print(message, file=sys.stderr, flush=True),
-    )
+    with listening(settings.server.host, settings.server.port, *SERVE_PORT):
+        web.run_app(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            shutdown_timeout=settings.server.shutdown_timeout_seconds,
+            **access_log_options(settings),
+            loop=new_event_loop(),
+            print=lambda message: print(message, file=sys.stderr, flush=True),
+        )
     return 0
 
 
@@ -183,6 +185,9 @@ def _serve_workers(settings: Settings, count: int) -> int:
     """Run `count` worker processes on one port and supervise them until they stop."""
     if settings.server.port == 0:
         raise ConfigError("server.port", "--workers needs a fixed port, not 0")
+    # The workers bind with SO_REUSEPORT, each on its own: a port another program holds must
+    # stop the group here, as one line, not as N workers failing one after the other.
+    check_free(settings.server.host, settings.server.port, *SERVE_PORT, reuse_port=True)
     from proxy.app import create_app
     from proxy.heap import single_arena
 

@@ -8,6 +8,7 @@ import signal
 from aiohttp import web
 
 from proxy.config import Settings
+from proxy.listen import listening
 
 
 async def run_demo(settings: Settings, backend_port: int) -> None:
@@ -30,8 +31,10 @@ async def run_demo(settings: Settings, backend_port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await web.TCPSite(backend, host, backend_port).start()
-        await web.TCPSite(proxy, host, port).start()
+        with listening(host, backend_port, "--backend-port", "--backend-port"):
+            await web.TCPSite(backend, host, backend_port).start()
+        with listening(host, port, "--port", "--port"):
+            await web.TCPSite(proxy, host, port).start()
         print(demo_banner(host, port, backend_port), flush=True)
         await stop.wait()
     finally:

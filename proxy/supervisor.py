@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from proxy.config import Settings
+from proxy.listen import SERVE_PORT, listening
 
 EXIT_BACKEND_FAILED = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -146,7 +147,8 @@ async def serve_with_backend(settings: Settings) -> int:
         # The proxy listens at once: /_proxy/health is 200, /_proxy/ready 503 until the backend
         # answers (its upstream check), and requests meanwhile get the proxy's 502.
         host, listen = settings.server.host, settings.server.port
-        await web.TCPSite(runner, host, listen).start()
+        with listening(host, listen, *SERVE_PORT):
+            await web.TCPSite(runner, host, listen).start()
         backend = await start_backend(command, port)
         log.info(
             "proxy on %s:%d; backend `%s` (pid %d) on 127.0.0.1:%d",

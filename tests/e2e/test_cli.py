@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -245,3 +246,43 @@ async def test_sigterm_drains_the_request_in_flight_then_exits_0(
     assert legacy_backend.calls["/slow"] == 1
     assert await asyncio.wait_for(proxy.process.wait(), timeout=10) == 0, proxy.log()
     assert await _refused(proxy.port)
+
+
+BUSY_PORT_RUNS = [
+    pytest.param(("serve",), "server.port", id="serve"),
+    pytest.param(("serve", "--workers", "2"), "server.port", id="serve-workers"),
+    pytest.param(
+        ("serve", "--", sys.executable, "-c", "import time; time.sleep(30)"),
+        "server.port",
+        id="serve-backend",
+    ),
+    pytest.param(("demo", "--port", "{busy}", "--backend-port", "{free}"), "--port", id="demo"),
+    pytest.param(
+        ("demo", "--port", "{free}", "--backend-port", "{busy}"),
+        "--backend-port",
+        id="demo-backend",
+    ),
+]
+
+
+@pytest.mark.parametrize(("arguments", "key"), BUSY_PORT_RUNS)
+def test_a_busy_port_exits_2_with_one_line_naming_the_address_and_the_key(
+    tmp_path: Path, arguments: tuple[str, ...], key: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        config = write_config(tmp_path, {"server.port": busy, "server.host": "127.0.0.1"})
+        given = [a.format(busy=busy, free=free_port()) for a in arguments]
+        command, rest = given[0], given[1:]
+        backend = rest.index("--") if "--" in rest else len(rest)
+        rest[backend:backend] = ["--config", str(config)]
+
+        result = run(PROXY_MODULE, command, *rest, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"config error: {key}: cannot listen on 127.0.0.1:{busy}: ")
+    assert "address already in use" in lines[0]
