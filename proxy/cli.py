@@ -131,9 +131,19 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Settings:
     return load_settings(args.config, overrides=given)
 
 
+def _warn_about(settings: Settings) -> None:
+    """Settings that load but will not do what the operator likely wants: one line each."""
+    from proxy.identity import loopback_trust_warning
+
+    warning = loopback_trust_warning(settings.server.host, settings.identity)
+    if warning:
+        log.warning("%s", warning)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     sources: dict[str, str] = {}
     settings = load_settings(args.config, sources=sources)
+    _warn_about(settings)
     tree = redacted(settings)
     # TOML: each value with where it came from, as a comment; JSON: the settings alone.
     print(json.dumps(tree, indent=2) if args.json else to_toml(tree, notes=sources), end="")
@@ -149,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
             "upstream.command": getattr(args, "backend", None) or None,
         },
     )
+    _warn_about(settings)
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")

@@ -254,3 +254,33 @@ def without(
     for name in names:
         copy.popall(name, None)
     return copy
+
+
+def loopback_trust_warning(host: str, identity: IdentitySettings) -> str | None:
+    """The start-up warning for listening beyond loopback while trusting loopback alone.
+
+    Behind a container runtime or a load balancer every peer is outside loopback, so such a
+    proxy believes no identity: every speak call is `disabled` and the backend loses its user.
+    """
+    if identity.mode == "none" or not _listens_beyond_loopback(host):
+        return None
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in identity.trusted_proxies]
+    if any(not network.is_loopback for network in networks):
+        return None
+    return (
+        f"listening on {host or '*'} but identity.trusted_proxies trusts only loopback: "
+        "identity headers from any other peer are dropped (nothing is cached for them, and the "
+        "backend does not see who they are); set identity.trusted_proxies to the address range "
+        "of the proxy or gateway in front"
+    )
+
+
+def _listens_beyond_loopback(host: str) -> bool:
+    if host in {"", "0.0.0.0", "::", "*"}:
+        return True
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return True

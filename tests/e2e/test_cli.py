@@ -286,3 +286,17 @@ def test_a_busy_port_exits_2_with_one_line_naming_the_address_and_the_key(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"config error: {key}: cannot listen on 127.0.0.1:{busy}: ")
     assert "address already in use" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "warned"), [("docker.toml", True), ("example.toml", False), ("default.toml", False)]
+)
+def test_check_config_warns_when_a_shipped_preset_would_believe_no_one(
+    tmp_path: Path, name: str, warned: bool
+) -> None:
+    preset = Path(__file__).resolve().parents[2] / "config" / name
+
+    result = run(PROXY_MODULE, "check-config", "--config", str(preset), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert ("identity.trusted_proxies trusts only loopback" in result.stderr) is warned
