@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from proxy.app import create_app
@@ -58,6 +58,15 @@ async def legacy_backend() -> AsyncIterator[FakeLegacyBackend]:
         await backend.stop()
 
 
+class ServedAsInProduction(TestServer):
+    """aiohttp's test server, but with `run_app`'s default: handlers are not cancelled when the
+    client disconnects (the test server's default cancels them, which production never does)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 @pytest.fixture
 def make_proxy_client(
     aiohttp_client: AiohttpClient, legacy_backend: FakeLegacyBackend, tmp_path: Path
@@ -66,7 +75,7 @@ def make_proxy_client(
 
     async def make(**dotted_overrides: Any) -> ProxyClient:
         settings = settings_for(tmp_path, legacy_backend.url, **dotted_overrides)
-        return await aiohttp_client(create_app(settings))
+        return await aiohttp_client(ServedAsInProduction(create_app(settings)))
 
     return make
 

@@ -26,7 +26,6 @@ from proxy.routes.bodies import StreamedBody, body_timed_out
 from proxy.routes.responses import abort_connection, json_error
 from proxy.settings import Settings
 from proxy.stats import CacheStats
-from proxy.upstreams.client_stream import as_upstream_error
 from proxy.upstreams.connection import InterimResponsesTo
 from proxy.upstreams.http import Headers, HttpUpstream, end_to_end, outgoing_headers
 
@@ -139,7 +138,7 @@ class Passthrough:
                 if self._limits.stats is not None:
                     self._limits.stats.errors["body_timeout"] += 1
                 return await body_timed_out(request)
-            error = as_upstream_error(exc)
+            error = self._upstream.failed(exc)
             return json_error(error.status, error.detail, headers=extra_headers)
         request[UPSTREAM_SECONDS] = self._upstream.timed(started, failed=upstream.status >= 500)
         try:
@@ -178,7 +177,7 @@ class Passthrough:
         except aiohttp.WSServerHandshakeError as exc:
             return json_error(502, f"upstream refused the WebSocket upgrade: {exc.status}")
         except Exception as exc:
-            error = as_upstream_error(exc)
+            error = self._upstream.failed(exc)
             return json_error(error.status, error.detail)
         client_ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
@@ -211,6 +210,10 @@ async def relay(
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
     except (TimeoutError, aiohttp.ClientError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            # The client left (a closed event stream, a cancelled download): nothing is wrong.
+            log.debug("client left mid-stream: %s", type(exc).__name__)
+            return response
         # Headers are gone already: cutting the connection is the only honest signal left.
         log.warning("upstream body broke mid-stream: %s", type(exc).__name__)
         abort_connection(request)

@@ -23,6 +23,8 @@ from proxy.upstreams.client_stream import ClientStream, as_upstream_error
 from proxy.upstreams.connection import UpstreamConnector
 
 log = logging.getLogger(__name__)
+# An unreachable backend is one warning this often, with the count of calls it failed meanwhile.
+UNREACHABLE_WARNING_SECONDS: Final = 60.0
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -116,6 +118,8 @@ class HttpUpstream:
         self._base_path = self._base.raw_path.rstrip("/")
         self._session = session
         self._stats = stats
+        self._unreachable = 0
+        self._next_warning = 0.0
 
     def url_for(self, raw_path: str) -> URL:
         """The upstream URL for a client's raw path and query, unchanged."""
@@ -133,10 +137,30 @@ class HttpUpstream:
             )
         except Exception as exc:
             seconds = self.timed(started, failed=True)
-            error = as_upstream_error(exc)
+            error = self.failed(exc)
             raise UpstreamError(error.status, error.detail, upstream_seconds=seconds) from exc
         seconds = self.timed(started, failed=response.status >= 500)
         return ClientStream(response, upstream_seconds=seconds)
+
+    def failed(self, exc: BaseException) -> UpstreamError:
+        """The answer for a call that got no response; an unreachable backend is also logged.
+
+        Refused or unroutable connections are the operator's problem, not the client's: one
+        warning a minute names the URL, so a dead backend is not just 502s in the access log.
+        """
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            self._unreachable += 1
+            now = time.monotonic()
+            if now >= self._next_warning:
+                self._next_warning = now + UNREACHABLE_WARNING_SECONDS
+                log.warning(
+                    "upstream %s unreachable: %s (%d calls failed since the last warning)",
+                    self._base.with_user(None),
+                    exc,
+                    self._unreachable,
+                )
+                self._unreachable = 0
+        return as_upstream_error(exc)
 
     def timed(self, started: float, *, failed: bool) -> float:
         """Time to the upstream's headers, counted in the stats and returned."""

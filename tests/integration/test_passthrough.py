@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -322,3 +323,37 @@ async def test_a_body_the_backend_cuts_short_is_cut_short_for_the_client(
     assert response.headers["Content-Length"] == str(legacy_backend.speak.size)
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
+
+
+async def test_a_client_closing_an_event_stream_is_not_an_upstream_failure(
+    proxy_client: ProxyClient, legacy_backend: FakeLegacyBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="proxy.routes.passthrough")
+    response = await proxy_client.get("/sse?count=40&interval=0.05")
+    assert response.status == 200
+    await response.content.readline()  # the first event arrived: the client leaves
+    response.close()
+    for _ in range(100):  # the proxy notices at its next write to the closed connection
+        if any("mid-stream" in record.getMessage() for record in caplog.records):
+            break
+        await asyncio.sleep(0.02)
+
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if "mid-stream" in r.message]
+    assert messages, "the proxy never noticed the client leaving"
+    assert all(level == logging.DEBUG for level, _ in messages), messages
+    assert all(message.startswith("client left mid-stream") for _, message in messages)
+
+
+async def test_an_unreachable_upstream_is_one_warning_naming_its_url(
+    make_proxy_client: MakeProxyClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = closed_port()
+    client = await make_proxy_client(**{"upstream.url": f"http://127.0.0.1:{port}"})
+    caplog.set_level(logging.WARNING, logger="proxy.upstreams.http")
+
+    for path in ("/a", "/b", "/c"):
+        assert (await client.get(path)).status == 502
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstreams.http"]
+    assert len(warnings) == 1, warnings
+    assert f"upstream http://127.0.0.1:{port} unreachable" in warnings[0]
