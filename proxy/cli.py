@@ -61,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tts-cache-proxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tts-cache-proxy",
+        description="A caching reverse proxy for text-to-speech in front of a chat backend.",
+        epilog="`tts-cache-proxy COMMAND --help` tells more about each command.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     commands = parser.add_subparsers(dest="command")

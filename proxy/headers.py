@@ -79,6 +79,7 @@ def meta_headers(meta: EntryMeta, tier: str, *, age: bool = True) -> CIMultiDict
 def hit_headers(key: CacheKey, meta: EntryMeta, tier: str) -> CIMultiDict[str]:
     """The headers of a replayed entry, without Age (which changes every second)."""
     headers = meta_headers(meta, tier, age=False)
+    headers.add(hdrs.VIA, VIA)  # as on a miss: the answer came through this proxy
     headers.update(cache_headers(key, "hit", hit_status(tier)))
     make_private(headers)
     return headers

@@ -31,6 +31,8 @@ async def stream_fill(
             request[UPSTREAM_SECONDS] = fill.upstream_seconds
         stored = fill.storable and fill.store_allowed
         ours = cache_headers(key, "miss", miss_status(collapsed=collapsed, stored=stored))
+        if not stored or fill.error is not None:
+            del ours[hdrs.CONTENT_LOCATION]  # names only audio the cache will hold
         if fill.error is not None:
             failed = {**ours, **fill.error.headers, hdrs.CACHE_CONTROL: "private"}
             return json_error(fill.error.status, fill.error.detail, headers=failed)

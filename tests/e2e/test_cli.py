@@ -300,3 +300,15 @@ def test_check_config_warns_when_a_shipped_preset_would_believe_no_one(
 
     assert result.returncode == 0, result.stderr
     assert ("identity.trusted_proxies trusts only loopback" in result.stderr) is warned
+
+
+def test_help_names_every_command_with_what_it_does(tmp_path: Path) -> None:
+    result = run(PROXY_MODULE, "--help", cwd=tmp_path)
+
+    assert result.returncode == 0
+    listed = {
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("    ") and len(line.split()) > 1
+    }
+    assert {"serve", "check-config", "purge", "demo"} <= listed, result.stdout

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ async def test_miss_then_hit_from_memory(
     assert headers["X-TTS-Cache"] == "miss"
     assert headers["Cache-Status"] == "tts-cache-proxy; fwd=uri-miss; stored"
     assert headers["Content-Location"] == "/_proxy/audio/t-1/m-1/af_nicole"
+    assert headers.getall("Via") == ["1.1 tts-cache-proxy"]
     assert audio == FakeLegacyBackend.audio_for("Hello there", "af_nicole")
 
     status, headers, again = await speak(proxy_client, body())
     assert status == 200 and again == audio
+    assert headers.getall("Via") == ["1.1 tts-cache-proxy"]
     assert headers["X-TTS-Cache"] == "hit"
     assert headers["X-TTS-Cache-Tier"] == "memory"
     assert headers["Cache-Status"] == "tts-cache-proxy; hit; detail=memory"
@@ -471,3 +474,20 @@ async def test_header_identity_mode_uses_the_named_header(
     assert headers["X-TTS-Cache"] == "hit"
     _, headers, _ = await speak(client, body(), headers=ALICE)  # not the configured header
     assert headers["X-TTS-Cache"] == "disabled"
+
+
+async def test_a_failed_miss_names_no_audio_location(
+    aiohttp_client: Any, tmp_path: Path, legacy_backend: FakeLegacyBackend
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    client = await start(aiohttp_client, settings_for(tmp_path, nowhere))
+
+    status, headers, _ = await speak(client, body())
+
+    assert status == 502
+    assert headers["X-TTS-Cache"] == "miss"
+    assert "Content-Location" not in headers  # nothing was stored there
+    await wait_for_volume(client)
+    assert volume_files(tmp_path) == []
