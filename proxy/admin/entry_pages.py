@@ -49,8 +49,9 @@ class EntryPages:
         """GET /_proxy/admin/entries?user=&thread=&message=&voice=&page=."""
         session = self.pages.guard(request)
         wanted = Scope.from_query(request.query)
-        page_text = request.query.get("page", "0")
-        page = int(page_text) if page_text.isdigit() and len(page_text) < 7 else 0
+        # Pages are numbered from 1 in the URL, as on the page; the browser counts from 0.
+        page_text = request.query.get("page", "1")
+        page = max(int(page_text) - 1, 0) if page_text.isdigit() and len(page_text) < 7 else 0
         found = await self.browser.page(wanted, page)
         removed = request.query.get("removed", "")
         context = {
@@ -67,7 +68,9 @@ class EntryPages:
                 if wanted.user and wanted.thread_id
                 else None
             ),
-            "page_url": lambda n: f"{ADMIN}/entries?" + urlencode({**wanted.query(), "page": n}),
+            "page_url": lambda n: (
+                f"{ADMIN}/entries?" + urlencode({**wanted.query(), "page": n + 1})
+            ),
         }
         return self.pages.render(request, "entries.html", context, session=session)
 

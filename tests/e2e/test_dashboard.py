@@ -140,6 +140,13 @@ def test_the_overview_shows_the_numbers_of_a_known_sequence(
     assert len(bars) == 1
     kinds = {rect.get_attribute("class") for rect in bars[0].find_elements(By.TAG_NAME, "rect")}
     assert kinds == {"memory", "volume", "miss"}
+    # The y axis is labelled, inside the drawing and not clipped.
+    ticks = chrome.find_elements(By.CSS_SELECTOR, "svg.chart text.y-tick")
+    assert [tick.text for tick in ticks] == ["100 %", "50 %", "0 %"]
+    assert all(tick.is_displayed() and tick.rect["width"] > 0 for tick in ticks)
+    # The latency count says it counts every upstream call, pass-through included.
+    label = chrome.find_element(By.XPATH, "//td[@id='latency-count']/preceding-sibling::th")
+    assert "pass-through" in label.text
 
 
 def test_an_entry_plays_in_the_audio_element(chrome: Any, stack: LiveStack, tmp_path: Path) -> None:
