@@ -20,6 +20,7 @@ from proxy.admin.history import History
 from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
+from proxy.draining import Drain
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.index.entries import PostgresIndex
@@ -103,13 +104,18 @@ def create_app(settings: Settings) -> web.Application:
     if settings.admin.token:  # no token, no pages (every one is a 404)
         setup_templates(app)
 
-    # Every handler names the request id on its responses (with_request_id): no middleware or
-    # on_response_prepare signal on the hot path.
+    drain = Drain(settings.server.shutdown_timeout_seconds)
+    app.on_shutdown.append(drain.on_shutdown)
+    app.on_cleanup.append(drain.on_cleanup)
+
+    # Every handler names the request id on its responses (with_request_id), and is cut when the
+    # stop's bound passes (Drain): no middleware or on_response_prepare signal on the hot path.
     def add(method: str, path: str, handler: Handler) -> None:
+        wrapped = with_request_id(drain.guard(handler))
         if method == "GET":  # and HEAD, as add_get does
-            app.router.add_get(path, with_request_id(handler))
+            app.router.add_get(path, wrapped)
         else:
-            app.router.add_route(method, path, with_request_id(handler))
+            app.router.add_route(method, path, wrapped)
 
     add("GET", "/_proxy/health", health)
     add("GET", "/_proxy/ready", ready)

@@ -122,11 +122,11 @@ async def serve_with_backend(settings: Settings) -> int:
 
     command = settings.upstream.command
     port = loopback_port()
-    settings = with_backend_url(settings, port)
+    settings = for_workers(settings, port)  # the app's drain is the runner's: within stop_seconds
     runner = web.AppRunner(
         create_app(settings),
         handle_signals=False,
-        shutdown_timeout=drain_seconds(settings),
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
         **access_log_options(settings),
     )
     await runner.setup()
@@ -261,7 +261,8 @@ class ParentBackend:
 
 
 def for_workers(settings: Settings, port: int) -> Settings:
-    """Workers' settings: upstream.url on the backend's port, their drain within stop_seconds."""
+    """Settings in front of a supervised backend: upstream.url on its port, the drain within
+    upstream.stop_seconds (leaving the backend its share)."""
     settings = with_backend_url(settings, port)
     server = dataclasses.replace(settings.server, shutdown_timeout_seconds=drain_seconds(settings))
     return dataclasses.replace(settings, server=server)

@@ -312,3 +312,28 @@ def test_help_names_every_command_with_what_it_does(tmp_path: Path) -> None:
         if line.startswith("    ") and len(line.split()) > 1
     }
     assert {"serve", "check-config", "purge", "demo"} <= listed, result.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_with_an_event_stream_open_exits_within_the_shutdown_bound(
+    start_proxy: StartProxy, legacy_backend: FakeLegacyBackend, workers: int
+) -> None:
+    bound = 3.0
+    proxy = await start_proxy(
+        {"upstream.url": legacy_backend.url, "server.shutdown_timeout_seconds": bound},
+        extra_args=["--workers", str(workers)] if workers > 1 else [],
+    )
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(f"{proxy.url}/sse?count=1000&interval=0.2")
+        assert response.status == 200
+        await response.content.readline()  # the stream is open and flowing
+
+        started = asyncio.get_running_loop().time()
+        proxy.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proxy.process.wait(), timeout=20)
+        took = asyncio.get_running_loop().time() - started
+        response.close()
+
+    assert code == 0, proxy.log()
+    # The bound, plus what a process needs to start its stop and exit (not a second bound).
+    assert took < bound + 1.5, f"exited {took:.1f} s after SIGTERM\n{proxy.log()}"
