@@ -63,6 +63,7 @@ VOLUME: Final = web.AppKey("volume", DurableTier)
 SPEAK_HANDLER: Final = web.AppKey("speak_handler", SpeakHandler)
 AUDIO_URL: Final = web.AppKey("audio_url", AudioUrl)
 ADMIN_API: Final = web.AppKey("admin_api", AdminApi)
+ENTRY_BROWSER: Final = web.AppKey("entry_browser", EntryBrowser)
 SYNTHESIZER: Final = web.AppKey("synthesizer", ProviderChain)
 JANITOR: Final = web.AppKey("janitor", Janitor)
 DISK_GUARD: Final = web.AppKey("disk_guard", DiskGuard)
@@ -313,6 +314,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         disk_guard=app[DISK_GUARD],
         janitor=app[JANITOR],
     )
+    app[ENTRY_BROWSER] = EntryBrowser(app[CACHE], app.get(INDEX))
     app[ADMIN_API] = AdminApi(
         token=settings.admin.token,
         cache=app[CACHE],
@@ -323,6 +325,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         ownership=ownership,
         janitor=app[JANITOR],
         disk_guard=app[DISK_GUARD],
+        volume_totals=app[ENTRY_BROWSER].volume_totals,
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield
@@ -344,7 +347,7 @@ async def _operator_view(app: web.Application) -> AsyncIterator[None]:
         index=app.get(INDEX),
     )
     pages = AdminPages(settings.admin.token, app[IDENTITY], app[ADMIN_GUARD])
-    browser = EntryBrowser(api.cache, api.index)
+    browser = app[ENTRY_BROWSER]
     app[DASHBOARD] = Dashboard(pages, settings, api, history, browser)
     app[ENTRY_PAGES] = EntryPages(pages, api, browser)
     sampler = asyncio.create_task(history.run(), name="history")

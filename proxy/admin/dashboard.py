@@ -66,7 +66,7 @@ class Dashboard:
     async def overview(self, request: web.Request) -> web.StreamResponse:
         """GET /_proxy/admin/: what the cache saves, holds and fails at."""
         session = self.pages.guard(request)
-        context = await overview(self.api, self.history, self.browser)
+        context = await overview(self.api, self.history)
         return self.pages.render(
             request, "overview.html", {**context, "page": "overview"}, session=session
         )

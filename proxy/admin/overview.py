@@ -6,7 +6,6 @@ from typing import Any
 
 from proxy.admin.api import AdminApi
 from proxy.admin.chart import HEIGHT, WIDTH, hit_ratio_bars
-from proxy.admin.entries import EntryBrowser
 from proxy.admin.history import History
 from proxy.metrics import error_counts
 
@@ -16,20 +15,10 @@ def ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-async def overview(api: AdminApi, history: History, browser: EntryBrowser) -> dict[str, Any]:
+async def overview(api: AdminApi, history: History) -> dict[str, Any]:
     """Everything the overview shows, read now."""
     history.sample()
     snapshot = await api.snapshot()
-    volume = snapshot["tiers"].get("volume")
-    if volume is None or volume.get("source") == "walk":
-        # The janitor walks every few minutes; an operator looking wants the Volume as it is.
-        totals = await browser.volume_totals()
-        if totals is not None:
-            snapshot["tiers"]["volume"] = {
-                "entries": totals[0],
-                "bytes": totals[1],
-                "source": "scan",
-            }
     stats = api.stats
     memory_hits, volume_hits = stats.hits["memory"], stats.hits["volume"]
     hits = memory_hits + volume_hits

@@ -257,3 +257,26 @@ async def test_behind_a_gateway_the_public_origin_named_by_x_forwarded_host_is_s
         allow_redirects=False,
     ) as accepted:
         assert accepted.status == 303
+
+
+async def test_stats_metrics_and_dashboard_agree_on_the_volume_right_after_writes(
+    make_proxy_client: MakeProxyClient,
+) -> None:
+    client = await make_proxy_client(**{"admin.token": TOKEN})
+    for number in range(4):
+        await speak(client, SPEAK, speak_body(message_id=f"m-{number}"))
+    await client.app[CACHE].drain()  # stored; the janitor has not walked the Volume yet
+
+    async with client.get(
+        "/_proxy/admin/api/stats", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as stats:
+        volume = (await stats.json())["tiers"]["volume"]
+    async with client.get("/_proxy/metrics") as scraped:
+        metrics = await scraped.text()
+    await log_in(client)
+    async with client.get(f"{ADMIN}/") as page:
+        shown = re.search(r'id="volume-entries">(\d+)<', await page.text())
+
+    assert volume["entries"] == 4 and volume["source"] == "scan"
+    assert 'tts_proxy_cache_entries{tier="volume"} 4.0' in metrics
+    assert shown is not None and shown.group(1) == "4"
