@@ -98,9 +98,7 @@ class RotatingPassword:
         """The current token; PasswordUnavailable when there is none still valid. Never waits."""
         token = self._token
         if token is None or not self.valid:
-            raise PasswordUnavailable(
-                "no valid database token: it expired before a refresh succeeded"
-            )
+            raise PasswordUnavailable("no valid database token: none fetched, or it expired")
         return token.value
 
     @property
