@@ -70,11 +70,11 @@ async def until(check: Callable[[], bool], within: float = 5.0) -> None:
 
 
 async def test_refreshed_at_half_life_and_always_valid(make: Make) -> None:
-    issuer = Issuer(life=0.6)
+    issuer = Issuer(life=1.0)
     password = make(issuer)
     await password.start(5.0)
     seen = set()
-    deadline = time.monotonic() + 1.5  # two and a half lives
+    deadline = time.monotonic() + 2.2  # past two lives: four halves
     while time.monotonic() < deadline:
         seen.add(password())  # never raises: a new token comes before the last one expires
         await asyncio.sleep(0.02)
