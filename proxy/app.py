@@ -25,7 +25,8 @@ from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.index.entries import PostgresIndex
 from proxy.index.legacy import LegacyMessages
-from proxy.index.pool import Password, index_enabled
+from proxy.index.pool import index_enabled
+from proxy.index.rotating_password import RotatingPassword
 from proxy.janitor import Janitor
 from proxy.limits import ClientLimit, SlottedUpstream, UpstreamSlots
 from proxy.metrics import Metrics, ProxyCollector
@@ -248,7 +249,9 @@ async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
             log.warning("index.verify_ownership is on without an index: nothing will be cached")
         yield
         return
-    index = PostgresIndex.from_settings(settings, password=_index_password(settings))
+    index = PostgresIndex.from_settings(
+        settings, password=settings.password or None, token=_lakebase_token(settings)
+    )
     await index.start()
     app[INDEX] = index
     app[LEGACY] = LegacyMessages(index.pool, ownership_query=settings.ownership_query)
@@ -256,12 +259,13 @@ async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
     await index.aclose()
 
 
-def _index_password(settings: IndexSettings) -> Password | None:
-    if settings.password_from == "databricks":
-        from proxy.index.lakebase import lakebase_password
+def _lakebase_token(settings: IndexSettings) -> RotatingPassword | None:
+    """The app's OAuth token, refreshed ahead of expiry, with `password_from = "databricks"`."""
+    if settings.password_from != "databricks":
+        return None
+    from proxy.index.lakebase import lakebase_password
 
-        return lakebase_password
-    return settings.password or None
+    return lakebase_password()
 
 
 def _recorder(

@@ -6,8 +6,9 @@ then entries idle past `cache.volume.ttl_seconds`, then each user's least recent
 `cache.volume.max_bytes`. Every step does at most `cache.janitor_batch_size` removals a run; what
 is left waits for the next run.
 
-With a PostgreSQL index the figures come from the index and one replica (the holder of an advisory
-lock) does the work for the fleet. Without one, each run walks the Volume: a local Volume's last hit
+With a PostgreSQL index the figures come from the index and one replica (the holder of a lease in
+the index, `index/lease.py`) does the work for the fleet, confirming the lease before each
+deletion. Without one, each run walks the Volume: a local Volume's last hit
 is its sidecar's mtime; a Databricks Volume keeps no access times, so there an entry is idle since
 it was written, unless this process saw it hit in memory (`record_hit`).
 """
@@ -19,18 +20,20 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 from proxy.config import CacheSettings
 from proxy.index.entries import PostgresIndex
+from proxy.index.lease import DEFAULT_LEASE_SECONDS
 from proxy.index.ledger import IndexLedger
 from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
 from proxy.storage.entry import EntryInfo
 from proxy.storage.tiered import TieredCache
 from proxy.storage.tiers import DurableTier
+from proxy.storage.volumes import backstop_seconds
 from proxy.walk_ledger import Ledger, VolumeSummary, WalkLedger
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,22 @@ log = logging.getLogger(__name__)
 DEFAULT_LEFTOVER_GRACE_SECONDS: Final = 900.0
 # Memory hits remembered between runs without an index; past it the oldest are forgotten.
 MAX_RECORDED_HITS: Final = 50_000
+
+# Asked before each deletion: may this process delete now?
+MayDelete = Callable[[], Awaitable[bool]]
+
+
+async def _always() -> bool:
+    return True
+
+
+def janitor_lease_seconds(settings: CacheSettings) -> float:
+    """How long the janitor's lease lasts.
+
+    It is renewed when half has gone, so a deletion started under it (bounded by the Volume's
+    backstop) ends with at least one more deletion's time to spare before it can expire.
+    """
+    return max(DEFAULT_LEASE_SECONDS, 4 * backstop_seconds(settings.volume))
 
 
 @dataclass
@@ -78,6 +97,7 @@ class Janitor:
         *,
         clock: Callable[[], float] = time.time,
         leftover_grace_seconds: float = DEFAULT_LEFTOVER_GRACE_SECONDS,
+        lease_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.runs = 0
@@ -88,7 +108,11 @@ class Janitor:
         self._cache = cache
         self._volume = volume
         self._index = index
-        self._ledger = IndexLedger(index.pool) if index is not None else None
+        self._ledger = (
+            IndexLedger(index.pool, lease_seconds=lease_seconds or janitor_lease_seconds(settings))
+            if index is not None
+            else None
+        )
         self._clock = clock
         self._grace = leftover_grace_seconds
         self._batch = settings.janitor_batch_size
@@ -166,18 +190,21 @@ class Janitor:
         if not self._index.available:
             log.debug("janitor run skipped: the index is unavailable")
             return
-        async with ledger.elected() as election:
-            if election is None:
-                log.debug("janitor run skipped: another replica holds the lock")
+        async with ledger.elected() as lease:
+            if lease is None:
+                log.debug("janitor run skipped: another replica holds the lease")
                 return
             report.elected = True
             # This replica's buffered hits must count before anything is chosen for eviction.
             with contextlib.suppress(IndexUnavailable):
                 await self._index.flush()
-            await self._clean_leftovers(report)
-            if election.held:
-                report.orphans_removed += await self._clean_rows(ledger)
-            await self._apply_budgets(ledger, report, lambda: election.held)
+            # Leftovers go in one Volume call: confirmed before it (removing one twice is
+            # harmless); every eviction and forgotten row is confirmed on its own.
+            if await lease.confirm():
+                await self._clean_leftovers(report)
+            if await lease.confirm():
+                report.orphans_removed += await self._clean_rows(ledger, lease.confirm)
+            await self._apply_budgets(ledger, report, lease.confirm)
 
     async def _run_walking(self, report: JanitorReport) -> None:
         await self._clean_leftovers(report)
@@ -192,7 +219,7 @@ class Janitor:
                     if self._hits.get(key) == at:
                         del self._hits[key]
         ledger = WalkLedger(await volume.scan(), self._hits)
-        await self._apply_budgets(ledger, report, lambda: True)
+        await self._apply_budgets(ledger, report, _always)
         self.last_walk = ledger.summary()
 
     async def _clean_leftovers(self, report: JanitorReport) -> None:
@@ -202,7 +229,7 @@ class Janitor:
             limit=self._batch, older_than=older_than
         )
 
-    async def _clean_rows(self, ledger: IndexLedger) -> int:
+    async def _clean_rows(self, ledger: IndexLedger, may_delete: MayDelete) -> int:
         """Forget one batch of index rows whose object is gone; the next run takes the next."""
         volume = self._volume
         assert volume is not None
@@ -213,35 +240,45 @@ class Janitor:
             # An unreachable Volume raises here: only a definite "absent" forgets a row.
             if row.key.valid() and await volume.exists(row.key):
                 continue
+            if not await may_delete():
+                break
             if await ledger.forget(row):
                 forgotten += 1
                 log.debug("janitor forgot index row %s: no object", row.key.digest())
         return forgotten
 
     async def _apply_budgets(
-        self, ledger: Ledger, report: JanitorReport, held: Callable[[], bool]
+        self, ledger: Ledger, report: JanitorReport, may_delete: MayDelete
     ) -> None:
         budgets = self.settings.volume
-        if budgets.ttl_seconds > 0 and held():
-            await self._expire(ledger, report, self._clock() - budgets.ttl_seconds)
-        if budgets.user_max_bytes > 0 and held():
-            await self._enforce_quotas(ledger, report, budgets.user_max_bytes)
-        if budgets.max_bytes > 0 and held():
-            await self._enforce_budget(ledger, report, budgets.max_bytes)
+        if budgets.ttl_seconds > 0 and await may_delete():
+            await self._expire(ledger, report, self._clock() - budgets.ttl_seconds, may_delete)
+        if budgets.user_max_bytes > 0 and await may_delete():
+            await self._enforce_quotas(ledger, report, budgets.user_max_bytes, may_delete)
+        if budgets.max_bytes > 0 and await may_delete():
+            await self._enforce_budget(ledger, report, budgets.max_bytes, may_delete)
 
-    async def _expire(self, ledger: Ledger, report: JanitorReport, before: float) -> None:
+    async def _expire(
+        self, ledger: Ledger, report: JanitorReport, before: float, may_delete: MayDelete
+    ) -> None:
         for entry in await ledger.expired(before, self._batch):
+            if not await may_delete():
+                return
             if await self._evict(ledger, entry, "ttl"):
                 report.evicted_ttl += 1
                 report.bytes_freed += entry.bytes
 
-    async def _enforce_quotas(self, ledger: Ledger, report: JanitorReport, quota: int) -> None:
+    async def _enforce_quotas(
+        self, ledger: Ledger, report: JanitorReport, quota: int, may_delete: MayDelete
+    ) -> None:
         left = self._batch
         for user, used in await ledger.users_over(quota, self._batch):
             excess = used - quota
             for entry in await ledger.oldest_of_user(user, left):
                 if excess <= 0 or left <= 0:
                     break
+                if not await may_delete():
+                    return
                 left -= 1
                 if await self._evict(ledger, entry, "quota"):
                     excess -= entry.bytes
@@ -250,12 +287,14 @@ class Janitor:
             if left <= 0:
                 return
 
-    async def _enforce_budget(self, ledger: Ledger, report: JanitorReport, budget: int) -> None:
+    async def _enforce_budget(
+        self, ledger: Ledger, report: JanitorReport, budget: int, may_delete: MayDelete
+    ) -> None:
         excess = await ledger.total_bytes() - budget
         if excess <= 0:
             return
         for entry in await ledger.oldest(self._batch):
-            if excess <= 0:
+            if excess <= 0 or not await may_delete():
                 return
             if await self._evict(ledger, entry, "budget"):
                 excess -= entry.bytes

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from proxy.admin.history import tally_evictions
 from proxy.index.entries import PostgresIndex
+from proxy.index.rotating_password import RotatingPassword
 from proxy.janitor import Janitor
 from proxy.latency import Latency
 from proxy.stats import CacheStats
@@ -143,6 +144,8 @@ class ProxyCollector(Collector):
                 "1 while PostgreSQL answers.",
                 value=1.0 if self.index.available else 0.0,
             )
+            if self.index.pool.token is not None:
+                yield from _token(self.index.pool.token)
 
 
 def error_counts(
@@ -158,7 +161,24 @@ def error_counts(
         counts["volume_corrupt"] = cache.volume.corrupt_entries
     if index is not None:
         counts["index"] += sum(index.errors.values())
+        if index.pool.token is not None:
+            counts["index_token"] = index.pool.token.failures
     return counts
+
+
+def _token(token: RotatingPassword) -> Iterable[Metric]:
+    yield _counter(
+        "index_token_refresh_failures",
+        "Failed refreshes of the index's rotating password (the Lakebase OAuth token).",
+        token.failures,
+    )
+    left = token.seconds_left
+    if left is not None:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_index_token_valid_seconds",
+            "Seconds the current token may still open connections (0: the index is skipped).",
+            value=left,
+        )
 
 
 def _counter(name: str, documentation: str, value: float) -> Metric:

@@ -140,6 +140,7 @@ class IndexSettings:
     schema: str = "tts_cache"
     timeout_seconds: float = 2.0
     pool_max_size: int = 10
+    prepared_statements: bool = True
     verify_ownership: bool = False
     ownership_cache_seconds: float = 30.0
     ownership_query: str = "SELECT 1 FROM chat_messages WHERE message_id = $1 AND user_id = $2"

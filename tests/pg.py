@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -322,18 +323,25 @@ async def message_metadata(dsn: str, message_id: str) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
-async def set_password_role(dsn: str, password: str) -> str:
+async def set_password_role(dsn: str, password: str, valid_until: float | None = None) -> str:
     """Create or update PASSWORD_ROLE with `password`, allowed to migrate in the database of `dsn`.
 
-    Returns a DSN for that role with no password in it: the password must come from elsewhere.
+    `valid_until` (epoch seconds) makes PostgreSQL refuse the password at login from then on,
+    as Lakebase refuses an expired token. Returns a DSN for that role with no password in it:
+    the password must come from elsewhere.
     """
     database = urlsplit(dsn).path.lstrip("/")
     literal = "'" + password.replace("'", "''") + "'"
+    until = (
+        "infinity" if valid_until is None else datetime.fromtimestamp(valid_until, UTC).isoformat()
+    )
     con = await asyncpg.connect(dsn)
     try:
         exists = await con.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", PASSWORD_ROLE)
         verb = "ALTER" if exists else "CREATE"
-        await con.execute(f"{verb} ROLE {PASSWORD_ROLE} LOGIN PASSWORD {literal}")
+        await con.execute(
+            f"{verb} ROLE {PASSWORD_ROLE} LOGIN PASSWORD {literal} VALID UNTIL '{until}'"
+        )
         await con.execute(f'GRANT CREATE ON DATABASE "{database}" TO {PASSWORD_ROLE}')
     finally:
         await con.close()

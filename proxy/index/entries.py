@@ -60,9 +60,8 @@ class PostgresIndex:
         pool_max_size: int = 10,
         password: Password | None = None,
         flush_interval_seconds: float = 1.0,
-        retry_initial_seconds: float = 0.5,
-        retry_max_seconds: float = 15.0,
         max_pending_touches: int = 10_000,
+        **pool_options: Any,
     ) -> None:
         self.pool = IndexPool(
             dsn,
@@ -70,8 +69,7 @@ class PostgresIndex:
             timeout_seconds=timeout_seconds,
             pool_max_size=pool_max_size,
             password=password,
-            retry_initial_seconds=retry_initial_seconds,
-            retry_max_seconds=retry_max_seconds,
+            **pool_options,
         )
         self._table = entries_table(schema)
         self._flush_interval = flush_interval_seconds
@@ -85,6 +83,7 @@ class PostgresIndex:
         cls, settings: IndexSettings, *, password: Password | None = None, **options: Any
     ) -> PostgresIndex:
         """An index for `settings`; an empty DSN means the standard PG* environment variables."""
+        options.setdefault("prepared_statements", settings.prepared_statements)
         return cls(
             settings.dsn or None,
             schema=settings.schema,

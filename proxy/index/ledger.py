@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from proxy.index.migrations import entries_table, lock_id
+from proxy.index.lease import DEFAULT_LEASE_SECONDS, Lease, Leases
+from proxy.index.migrations import entries_table
 from proxy.index.pool import IndexPool
 from proxy.speak import CacheKey
 from proxy.storage.entry import EntryInfo
 
-LOCK_NAMESPACE: Final = "tts-cache-proxy:janitor"
+JANITOR_LEASE: Final = "janitor"
 _COLUMNS: Final = "user_id, thread_id, message_id, voice, bytes, created_at, last_hit_at"
 # Ties broken by the key, so batches are stable from one run to the next.
 _BY_HIT: Final = "last_hit_at, created_at, user_id, thread_id, message_id, voice"
@@ -22,57 +23,32 @@ _BY_KEY: Final = "user_id, thread_id, message_id, voice"
 _SAME_RECORDING: Final = "abs(extract(epoch FROM created_at)::float8 - $5) < 0.001"
 
 
-class Election:
-    """A won janitor election: the lock lasts as long as its connection stays open."""
-
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
-
-    @property
-    def held(self) -> bool:
-        """False once the lock connection has been lost (another replica may be elected)."""
-        return not self._connection.is_closed()
-
-
 class IndexLedger:
-    """Totals and eviction candidates from the index, rows to re-check, and the janitor lock."""
+    """Totals and eviction candidates from the index, rows to re-check, and the janitor lease."""
 
-    def __init__(self, pool: IndexPool, *, lock_timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self, pool: IndexPool, *, lease_seconds: float = DEFAULT_LEASE_SECONDS, holder: str = ""
+    ) -> None:
         self.pool = pool
-        self.lock_timeout_seconds = lock_timeout_seconds
+        self.lease_seconds = lease_seconds
         self._table = entries_table(pool.schema)
-        # Per schema, like the migration lock: proxies on other schemas never wait for this one.
-        self.lock_id = lock_id(LOCK_NAMESPACE, pool.schema)
+        # In the index's schema: proxies on other schemas elect their own janitor.
+        self._leases = Leases(pool, holder=holder or None)
 
     @contextlib.asynccontextmanager
-    async def elected(self) -> AsyncIterator[Election | None]:
-        """An Election while this replica holds the janitor lock, or None when another one does.
+    async def elected(self) -> AsyncIterator[Lease | None]:
+        """The janitor's Lease while this replica holds it, or None when another one does.
 
-        A session-level `pg_try_advisory_lock` on a connection of its own: it never waits, and a
-        replica that dies mid-run releases it with its connection.
+        Taken without waiting; given back on exit. IndexUnavailable when the index cannot say.
         """
-        import asyncpg  # loaded with the index (proxy.index.pool), not before
-
-        async with self.pool.acquire_lock_connection() as connection:
-            won = await connection.fetchval(
-                "SELECT pg_try_advisory_lock($1)", self.lock_id, timeout=self.lock_timeout_seconds
-            )
-            if not won:
-                yield None
-                return
-            try:
-                yield Election(connection)
-            finally:
-                # Closing the connection releases the lock as well; unlocking first is tidier.
-                if not connection.is_closed():
-                    with contextlib.suppress(
-                        OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
-                    ):
-                        await connection.execute(
-                            "SELECT pg_advisory_unlock($1)",
-                            self.lock_id,
-                            timeout=self.lock_timeout_seconds,
-                        )
+        lease = await self._leases.acquire(JANITOR_LEASE, self.lease_seconds)
+        if lease is None:
+            yield None
+            return
+        try:
+            yield lease
+        finally:
+            await lease.release()
 
     async def expired(self, before: float, limit: int) -> list[EntryInfo]:
         """Rows whose last hit (their creation, when never hit) is older than `before`."""

@@ -41,6 +41,20 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
             ON {schema}.tts_cache_entries (user_id, created_at DESC);
         """,
     ),
+    (
+        2,
+        # Leases by name (the janitor's): held by `holder` until `expires_at`, server time.
+        # A table, not a session advisory lock, so that leadership survives a transaction-mode
+        # pooler, which hands one server session to many clients in turn.
+        """
+        CREATE TABLE IF NOT EXISTS {schema}.leases (
+            name        text        PRIMARY KEY,
+            holder      text        NOT NULL,
+            expires_at  timestamptz NOT NULL,
+            acquired_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 MIGRATION_LOCK_NAMESPACE: Final = "tts-cache-proxy"

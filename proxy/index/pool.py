@@ -3,20 +3,25 @@
 Every call is bounded by `timeout_seconds` and raises `IndexUnavailable` instead of waiting on a
 slow or absent PostgreSQL, so the caller decides whether to skip and count (recording, hits) or to
 fail closed (ownership). asyncpg is imported only once a pool is started.
+
+Every call is one statement or one transaction, so the pool works through a transaction-mode
+pooler (PgBouncer `pool_mode = transaction`, as Lakebase's pooler runs): nothing relies on a
+session outliving a transaction. A pooler that does not keep prepared statements between
+transactions is recognised by the error it causes, and the statement cache is turned off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 from proxy.config import ConfigError, IndexSettings
 from proxy.index.migrations import SCHEMA_VERSION, migrate, quote_schema
+from proxy.index.rotating_password import PasswordUnavailable, RotatingPassword
 from proxy.speak import CacheKey
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,15 @@ Query = Callable[[Any], Awaitable[T]]
 # starting up) and a database that does not exist (yet).
 _OUTAGE_CLASSES: Final = frozenset({"08", "28", "53", "57", "3D"})
 _QUERY_CANCELED: Final = "57014"
+# A prepared statement missing, or already there, on the server: the connection we prepared it
+# on is not the one answering, i.e. a transaction-mode pooler without prepared-statement support.
+_LOST_STATEMENT_STATES: Final = frozenset({"26000", "42P05"})
+# An idle pooled connection is closed after this long: a pool that grew for a burst gives its
+# server slots back (shared with the legacy app). A rotated password never needs one closed:
+# PostgreSQL and Lakebase check it at login only, so an open connection stays valid.
+IDLE_CONNECTION_SECONDS: Final = 300.0
+# asyncpg's default statement cache, per connection.
+STATEMENT_CACHE_SIZE: Final = 100
 
 
 class IndexUnavailable(Exception):
@@ -61,8 +75,11 @@ class IndexPool:
         timeout_seconds: float = 2.0,
         pool_max_size: int = 10,
         password: Password | None = None,
+        token: RotatingPassword | None = None,
+        prepared_statements: bool = True,
         retry_initial_seconds: float = 0.5,
         retry_max_seconds: float = 15.0,
+        idle_connection_seconds: float = IDLE_CONNECTION_SECONDS,
     ) -> None:
         if timeout_seconds <= 0:
             raise ConfigError("index.timeout_seconds", "must be greater than 0")
@@ -71,7 +88,11 @@ class IndexPool:
         quote_schema(schema)  # a bad name fails here, not at the first migration
         self.schema = schema
         self._dsn = dsn or None
-        self._password = password
+        # A rotating token is read by asyncpg for every new connection, like any callable.
+        self.token = token
+        self._password: Password | None = token if token is not None else password
+        self._prepared_statements = prepared_statements
+        self._idle_seconds = idle_connection_seconds
         self._timeout = timeout_seconds
         self._pool_max_size = pool_max_size
         self._retry_initial = retry_initial_seconds
@@ -104,15 +125,17 @@ class IndexPool:
             return
         import asyncpg  # here, not at the top: ~3 MiB a proxy without an index need not hold
 
+        if self.token is not None:
+            # Bounded: without a token yet, the pool starts unavailable and recovers with it.
+            await self.token.start(self._migrate_timeout)
         # min_size=0: creating the pool opens no connection, so it cannot fail on an outage;
         # connections are opened on demand and replaced by the pool when the server drops them.
         self._pool = await asyncpg.create_pool(
             self._dsn,
-            password=self._password,
             min_size=0,
             max_size=self._pool_max_size,
-            timeout=self._timeout,
-            server_settings={"application_name": "tts-cache-proxy"},
+            max_inactive_connection_lifetime=self._idle_seconds,
+            **self._connect_options(),
         )
         try:
             await self._bounded(self._connect_and_migrate(), self._migrate_timeout)
@@ -140,12 +163,13 @@ class IndexPool:
         if self._abandoned:
             await asyncio.wait(self._abandoned, timeout=self._timeout)
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), self._timeout)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pool.terminate()
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+        if self.token is not None:
+            await self.token.aclose()
 
     async def ping(self) -> bool:
         """True when the index is available and PostgreSQL answers now; never raises."""
@@ -169,47 +193,35 @@ class IndexPool:
             where = f" for key {key.digest()}" if key is not None else ""
             if _is_outage(exc):
                 self._mark_down(op, exc)
-            else:
+            elif not await self._lost_statement(exc):
                 log.warning("index %s failed%s: %s", op, where, _describe(exc))
             raise IndexUnavailable(f"index {op}: {type(exc).__name__}") from exc
 
-    @contextlib.asynccontextmanager
-    async def acquire_lock_connection(self) -> AsyncIterator[Any]:
-        """A connection of its own, outside the pool, for a session-level advisory lock.
+    def _connect_options(self) -> dict[str, Any]:
+        return {
+            "password": self._password,
+            "timeout": self._timeout,
+            "statement_cache_size": STATEMENT_CACHE_SIZE if self._prepared_statements else 0,
+            "server_settings": {"application_name": "tts-cache-proxy"},
+        }
 
-        Outside the pool so that a lock held for a whole janitor run neither takes a pool slot
-        from the request path nor goes back to the pool still held. Closed on exit, which also
-        releases whatever it still holds; IndexUnavailable when it cannot be opened.
-        """
-        import asyncpg
-
-        if self._closed or not self.available:
-            self.errors["lock"] += 1
-            raise IndexUnavailable("index lock: unavailable")
-        try:
-            con = await self._bounded(
-                asyncpg.connect(
-                    self._dsn,
-                    password=self._password,
-                    timeout=self._timeout,
-                    server_settings={"application_name": "tts-cache-proxy janitor"},
-                ),
-                self._timeout,
+    async def _lost_statement(self, exc: BaseException) -> bool:
+        """Turn the statement cache off when `exc` shows a transaction-mode pooler; True if so."""
+        state = str(getattr(exc, "sqlstate", "") or "")
+        if state not in _LOST_STATEMENT_STATES:
+            return False
+        if self._prepared_statements and self._pool is not None:
+            self._prepared_statements = False
+            log.warning(
+                "index: prepared statements do not survive between transactions (%s): PostgreSQL"
+                " is behind a transaction-mode pooler; the statement cache is off from now on"
+                " (index.prepared_statements = false starts that way)",
+                _describe(exc),
             )
-        except Exception as exc:
-            self.errors["lock"] += 1
-            log.warning("index lock connection failed: %s", _describe(exc))
-            raise IndexUnavailable(f"index lock: {type(exc).__name__}") from exc
-        try:
-            yield con
-        finally:
-            try:
-                await asyncio.wait_for(con.close(), self._timeout)
-            except asyncio.CancelledError:
-                con.terminate()
-                raise
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                con.terminate()
+            self._pool.set_connect_args(self._dsn, **self._connect_options())
+            # Connections in use are closed as they come back; new ones prepare nothing.
+            await self._pool.expire_connections()
+        return True
 
     async def _on_connection(self, pool: Any, query: Query[T]) -> T:
         # The acquire timeout also bounds the release, so abandoned work cannot linger forever.
@@ -244,6 +256,13 @@ class IndexPool:
             else:
                 await con.fetchval("SELECT 1")
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when the missing rotating token comes back."""
+        if self.token is None or self.token.valid:
+            await asyncio.sleep(seconds)
+        else:
+            await self.token.wait_refreshed(seconds)
+
     def _mark_down(self, op: str, exc: BaseException) -> None:
         if self._available:
             log.warning(
@@ -261,11 +280,12 @@ class IndexPool:
         delay = self._retry_initial
         while not self._closed:
             # Jitter keeps replicas that lost the server together from retrying in lockstep.
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            await self._pause(delay * random.uniform(0.8, 1.2))
             try:
                 await self._bounded(self._connect_and_migrate(), self._migrate_timeout)
             except Exception as exc:
                 self.errors["reconnect"] += 1
+                await self._lost_statement(exc)
                 log.debug("index still unavailable: %s", _describe(exc))
                 delay = min(delay * 2, self._retry_max)
                 continue
@@ -275,7 +295,7 @@ class IndexPool:
 
 
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, OSError | TimeoutError):
+    if isinstance(exc, OSError | TimeoutError | PasswordUnavailable):
         return True
     import asyncpg
 

@@ -30,7 +30,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -181,6 +181,9 @@ class FilesApiEmulator(LocalServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.faults: list[Fault] = []
+        # Awaited with each new OAuth token before it is sent (e.g. to make it a database
+        # password, as Lakebase accepts the app's token); it may also delay the answer.
+        self.on_token_issued: Callable[[str, int], Awaitable[None]] | None = None
         self._presigned: dict[str, _Presigned] = {}
 
     # Lifecycle
@@ -620,6 +623,8 @@ class FilesApiEmulator(LocalServer):
         if not client_id or self.clients.get(client_id) != client_secret:
             return _oauth_error(401, "invalid_client", "Client authentication failed.")
         access_token = f"oauth-{secrets.token_urlsafe(24)}"
+        if self.on_token_issued is not None:
+            await self.on_token_issued(access_token, self.token_lifetime_seconds)
         self.issued_tokens[access_token] = client_id
         return web.json_response(
             {

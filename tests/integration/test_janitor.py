@@ -366,7 +366,7 @@ async def test_only_one_of_two_janitors_sharing_postgres_is_elected(
     loser = janitors[[report.elected for report in reports].index(False)]
     assert done == {runs[janitors.index(loser)]}
     assert reports[janitors.index(loser)].duration < 5.0
-    # The lock went with the winner's run.
+    # The lease went with the winner's run.
     assert (await loser.run_once()).elected
 
 
