@@ -24,8 +24,10 @@ async def test_migration_twice_and_concurrently(postgres_dsn: str, make_index: M
     third = await make_index()
 
     assert first.available and second.available and third.available
-    versions = await rows(postgres_dsn, "SELECT version FROM tts_cache.schema_version")
-    assert [row["version"] for row in versions] == [1]
+    versions = await rows(
+        postgres_dsn, "SELECT version FROM tts_cache.schema_version ORDER BY version"
+    )
+    assert [row["version"] for row in versions] == [1, 2]
     indexes = await rows(
         postgres_dsn,
         "SELECT indexdef FROM pg_indexes WHERE schemaname = 'tts_cache'"
