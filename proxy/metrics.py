@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from proxy.admin.history import tally_evictions
 from proxy.index.entries import PostgresIndex
+from proxy.index.lookup import OUTCOMES as LOOKUP_OUTCOMES
 from proxy.janitor import Janitor
 from proxy.latency import Latency
 from proxy.stats import CacheStats
@@ -143,6 +144,14 @@ class ProxyCollector(Collector):
                 "1 while PostgreSQL answers.",
                 value=1.0 if self.index.available else 0.0,
             )
+            lookups = CounterMetricFamily(
+                f"{PREFIX}_index_lookups",
+                "Volume lookups the index answered first: absent ones made no Files API call.",
+                labels=["outcome"],
+            )
+            for outcome in LOOKUP_OUTCOMES:
+                lookups.add_metric([outcome], self.stats.index_lookups[outcome])
+            yield lookups
 
 
 def error_counts(
