@@ -102,6 +102,19 @@ async def lookups(client: Any) -> dict[str, float]:
     return found
 
 
+async def volume_calls(client: Any) -> dict[tuple[str, str], float]:
+    """tts_proxy_volume_calls_total by (method, outcome): the proxy's own Files API counters."""
+    async with client.get("/_proxy/metrics") as response:
+        text = await response.text()
+    found: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("tts_proxy_volume_calls_total{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            found[(method, outcome)] = float(line.split()[-1])
+    return found
+
+
 async def covered(dsn: str) -> bool:
     connection = await asyncpg.connect(dsn)
     try:
@@ -142,7 +155,7 @@ async def test_a_miss_costs_no_files_api_call_then_memory_then_the_volume_via_th
     first = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     await walked(first)
     assert await covered(postgres_dsn)  # an empty Volume, walked: the index names all of it
-    reads = volume_reads(emulator)
+    reads, calls = volume_reads(emulator), await volume_calls(first)
 
     cache, _, audio = await speak(first)
 
@@ -152,6 +165,12 @@ async def test_a_miss_costs_no_files_api_call_then_memory_then_the_volume_via_th
     assert await speak(first) == ("hit", "memory", audio)
     await first.app[CACHE].drain()
     assert emulator.read(OBJECT) == audio
+    # The proxy's own counters agree: the write behind PUT twice and listed the folder, and no
+    # lookup asked for a sidecar (a miss's GET answers 404).
+    after = await volume_calls(first)
+    assert after.get(("GET", "404"), 0) == calls.get(("GET", "404"), 0)
+    assert after[("PUT", "2xx")] - calls.get(("PUT", "2xx"), 0) == 2
+    assert not [method for method, _ in after if method == "HEAD"]
     assert [message for message, _ in await index_rows(postgres_dsn)] == ["m-1"]
     # Another message is a miss without a Files API call too; an edited text as well (the row
     # records another text's digest).
