@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Final, TypeVar
 
 from aiohttp import web
@@ -23,9 +23,13 @@ from proxy.config import IndexSettings, Settings
 from proxy.draining import Drain
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
+from proxy.index.backfill import IndexBackfill
+from proxy.index.coverage import VolumeCoverage
 from proxy.index.entries import PostgresIndex
 from proxy.index.legacy import LegacyMessages
+from proxy.index.lookup import IndexLookup
 from proxy.index.pool import index_enabled
+from proxy.index.recorder import EntryRecorder
 from proxy.index.rotating_password import RotatingPassword
 from proxy.janitor import Janitor
 from proxy.limits import ClientLimit, SlottedUpstream, UpstreamSlots
@@ -38,10 +42,8 @@ from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
 from proxy.routes.passthrough import Passthrough, PassthroughLimits
 from proxy.routes.responses import json_error
 from proxy.routes.speak import SpeakHandler
-from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
-from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
@@ -73,6 +75,9 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 READINESS: Final = web.AppKey("readiness", Readiness)
 SLOTS: Final = web.AppKey("slots", UpstreamSlots)
 CLIENT_LIMIT: Final = web.AppKey("client_limit", ClientLimit)
+RECORDER: Final = web.AppKey("recorder", EntryRecorder)
+INDEX_LOOKUP: Final = web.AppKey("index_lookup", IndexLookup)
+BACKFILL: Final = web.AppKey("backfill", IndexBackfill)
 
 T = TypeVar("T")
 
@@ -226,7 +231,10 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         app[VOLUME] = volume
         cleanup = asyncio.create_task(volume.clean_leftovers())
     index = app.get(INDEX)
-    recorder = _recorder(settings, volume, index, app[LEGACY]) if index and volume else None
+    recorder = None
+    if index is not None and volume is not None:
+        recorder = app[RECORDER] = _recorder(app, settings, volume, index)
+        recorder.start()
     app[CACHE] = TieredCache(
         memory,
         volume,
@@ -240,6 +248,8 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         cleanup.cancel()
     await get_state(app, FLIGHTS).aclose()
     await app[CACHE].aclose()
+    if recorder is not None:
+        await recorder.aclose()  # after the cache: its last writes' rows
 
 
 async def _postgres_index(app: web.Application) -> AsyncIterator[None]:
@@ -269,17 +279,21 @@ def _lakebase_token(settings: IndexSettings) -> RotatingPassword | None:
 
 
 def _recorder(
-    settings: Settings, volume: DurableTier, index: PostgresIndex, legacy: LegacyMessages
-) -> Callable[[CacheKey, Entry], Awaitable[None]]:
-    """After a Volume write: the index row, and the legacy metadata where configured."""
-
-    async def record(key: CacheKey, entry: Entry) -> None:
-        path = volume.location(key, entry.meta.content_type)
-        await index.record(key, entry.meta, path)
-        if settings.index.write_legacy_metadata:
-            await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
-
-    return record
+    app: web.Application, settings: Settings, volume: DurableTier, index: PostgresIndex
+) -> EntryRecorder:
+    """After a Volume write: the index row, and the legacy metadata where configured; with
+    lookups through the index, the coverage its gaps withdraw and the walk that restores it."""
+    legacy = app[LEGACY] if settings.index.write_legacy_metadata else None
+    recorder = EntryRecorder(index, volume, legacy=legacy)
+    lookup = IndexLookup.build(
+        settings.cache.volume, volume, index, app[STATS].index_lookups, recorder.unrecorded
+    )
+    if lookup is not None:
+        app[INDEX_LOOKUP] = lookup
+        recorder.coverage = VolumeCoverage(index.pool, lookup.volume)
+        if volume.walkable:
+            app[BACKFILL] = IndexBackfill(volume, index, recorder.coverage)
+    return recorder
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
@@ -287,7 +301,13 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     guard = DiskGuard.from_settings(settings.cache.volume)
     await guard.refresh()  # a real answer before the first request
     app[DISK_GUARD] = guard
-    janitor = Janitor(settings.cache, get_state(app, CACHE), app.get(VOLUME), app.get(INDEX))
+    janitor = Janitor(
+        settings.cache,
+        get_state(app, CACHE),
+        app.get(VOLUME),
+        app.get(INDEX),
+        backfill=app.get(BACKFILL),
+    )
     app[JANITOR] = janitor
     janitor.start()
     yield
@@ -313,6 +333,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         synthesizer=SlottedUpstream(app.get(SYNTHESIZER, upstream), app[SLOTS]),
         stats=app[STATS],
         index=app.get(INDEX),
+        index_lookup=app.get(INDEX_LOOKUP),
         ownership=ownership,
         admission=Admission(min_uses=settings.cache.min_uses),
         disk_guard=app[DISK_GUARD],

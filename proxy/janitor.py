@@ -3,8 +3,9 @@
 Each run, in order: crash leftovers on the Volume (and, with an index, rows whose object is gone),
 then entries idle past `cache.volume.ttl_seconds`, then each user's least recently hit entries past
 `cache.volume.user_max_bytes`, then the fleet's least recently hit entries past
-`cache.volume.max_bytes`. Every step does at most `cache.janitor_batch_size` removals a run; what
-is left waits for the next run.
+`cache.volume.max_bytes`, then (when lookups go through the index) the next part of the walk that
+records the Volume's entries in the index (`proxy/index/backfill.py`). Every step does at most
+`cache.janitor_batch_size` removals (or walked entries) a run; what is left waits for the next run.
 
 With a PostgreSQL index the figures come from the index and one replica (the holder of a lease in
 the index, `index/lease.py`) does the work for the fleet, confirming the lease before each
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.config import CacheSettings
+from proxy.index.backfill import IndexBackfill
 from proxy.index.entries import PostgresIndex
 from proxy.index.lease import DEFAULT_LEASE_SECONDS
 from proxy.index.ledger import IndexLedger
@@ -72,6 +74,8 @@ class JanitorReport:
     bytes_freed: int = 0
     elected: bool = True
     duration: float = 0.0
+    index_walked: int = 0
+    index_recorded: int = 0
 
     @property
     def evicted(self) -> int:
@@ -98,6 +102,7 @@ class Janitor:
         clock: Callable[[], float] = time.time,
         leftover_grace_seconds: float = DEFAULT_LEFTOVER_GRACE_SECONDS,
         lease_seconds: float | None = None,
+        backfill: IndexBackfill | None = None,
     ) -> None:
         self.settings = settings
         self.runs = 0
@@ -113,6 +118,7 @@ class Janitor:
             if index is not None
             else None
         )
+        self._backfill = backfill if index is not None else None
         self._clock = clock
         self._grace = leftover_grace_seconds
         self._batch = settings.janitor_batch_size
@@ -205,6 +211,9 @@ class Janitor:
             if await lease.confirm():
                 report.orphans_removed += await self._clean_rows(ledger, lease.confirm)
             await self._apply_budgets(ledger, report, lease.confirm)
+            if self._backfill is not None and await lease.confirm():
+                step = await self._backfill.step(self._batch)
+                report.index_walked, report.index_recorded = step.walked, step.recorded
 
     async def _run_walking(self, report: JanitorReport) -> None:
         await self._clean_leftovers(report)
@@ -317,17 +326,19 @@ class Janitor:
 
 
 def _log_report(report: JanitorReport) -> None:
-    level = logging.INFO if report.evicted or report.orphans_removed else logging.DEBUG
+    acted = report.evicted or report.orphans_removed or report.index_recorded
     log.log(
-        level,
+        logging.INFO if acted else logging.DEBUG,
         "janitor run: %d evicted (ttl %d, quota %d, budget %d), %d leftovers, %d bytes freed,"
-        " %.2fs, elected=%s",
+        " %d walked into the index (%d recorded), %.2fs, elected=%s",
         report.evicted,
         report.evicted_ttl,
         report.evicted_quota,
         report.evicted_budget,
         report.orphans_removed,
         report.bytes_freed,
+        report.index_walked,
+        report.index_recorded,
         report.duration,
         report.elected,
     )

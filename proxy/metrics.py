@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from proxy.admin.history import tally_evictions
 from proxy.index.entries import PostgresIndex
+from proxy.index.lookup import OUTCOMES as LOOKUP_OUTCOMES
 from proxy.index.rotating_password import RotatingPassword
 from proxy.janitor import Janitor
 from proxy.latency import Latency
@@ -146,6 +147,14 @@ class ProxyCollector(Collector):
             )
             if self.index.pool.token is not None:
                 yield from _token(self.index.pool.token)
+            lookups = CounterMetricFamily(
+                f"{PREFIX}_index_lookups",
+                "Volume lookups the index answered first: absent ones made no Files API call.",
+                labels=["outcome"],
+            )
+            for outcome in LOOKUP_OUTCOMES:
+                lookups.add_metric([outcome], self.stats.index_lookups[outcome])
+            yield lookups
 
 
 def error_counts(

@@ -74,9 +74,16 @@ def entry_matches(meta: EntryMeta, text_sha256: str, provider: str | None) -> bo
 
     An edited message (another text under the same key) is another recording: a miss.
     """
-    if meta.text_sha256 != text_sha256:
+    return recording_matches(meta.text_sha256, meta.provider, text_sha256, provider)
+
+
+def recording_matches(
+    stored_text_sha256: str, stored_provider: str | None, text_sha256: str, provider: str | None
+) -> bool:
+    """entry_matches on the two fields it reads, wherever they were read from (the index)."""
+    if stored_text_sha256 != text_sha256:
         return False
-    return provider is None or meta.provider == provider
+    return provider is None or stored_provider == provider
 
 
 class Admission:

@@ -111,6 +111,9 @@ class VolumeSettings:
     # This replica's share of the workspace's Files API budget (about 10 concurrent, 100/s).
     max_concurrent_calls: int = 8
     max_calls_per_second: float = 80.0
+    # With the PostgreSQL index: ask it whether a key is stored before the Files API (a miss then
+    # costs no call). when-complete: trust its "not stored" once a walk has recorded the Volume.
+    lookup_via_index: Literal["when-complete", "always", "off"] = "when-complete"
     max_bytes: int = 0
     ttl_seconds: float = 0.0
     user_max_bytes: int = 0

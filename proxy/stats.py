@@ -34,6 +34,8 @@ class CacheStats:
     # Entries the janitor removed, by reason, summed over its runs (see note_janitor_run).
     evictions: Counter[str] = field(default_factory=Counter)
     janitor_runs_seen: int = 0
+    # Lookups the index answered before the Volume, by outcome (proxy/index/lookup.py).
+    index_lookups: Counter[str] = field(default_factory=Counter)
 
     def note_janitor_run(self, runs: int, evicted: Mapping[str, int]) -> None:
         """Add the janitor's last report once per run: `runs` is its run counter."""

@@ -133,9 +133,16 @@ class PostgresIndex:
         """True when the index is available and PostgreSQL answers now; never raises."""
         return await self.pool.ping()
 
-    async def record(self, key: CacheKey, meta: EntryMeta, path: str) -> None:
-        """Insert or replace the row of a stored entry; a replaced recording starts at 0 hits."""
+    async def record(
+        self, key: CacheKey, meta: EntryMeta, path: str, *, newer_only: bool = False
+    ) -> None:
+        """Insert or replace the row of a stored entry; a replaced recording starts at 0 hits.
+
+        `newer_only`: keep a row made at or after `meta.created_at` (a late record, or a walk's,
+        never replaces what a fresher write recorded).
+        """
         self._pending.pop(key, None)
+        newer = "WHERE e.created_at < EXCLUDED.created_at" if newer_only else ""
         sql = f"""
             INSERT INTO {self._table} AS e ({_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0)
@@ -144,6 +151,7 @@ class PostgresIndex:
                 content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes,
                 body_sha256 = EXCLUDED.body_sha256, text_sha256 = EXCLUDED.text_sha256,
                 created_at = EXCLUDED.created_at, last_hit_at = EXCLUDED.last_hit_at, hits = 0
+            {newer}
         """
         args = (
             *_key_args(key),
@@ -156,6 +164,20 @@ class PostgresIndex:
             datetime.fromtimestamp(meta.created_at, UTC),
         )
         await self.pool.run("record", lambda con: con.execute(sql, *args), key)
+
+    async def known(self, keys: list[CacheKey]) -> set[CacheKey]:
+        """Which of `keys` have a row (one query, by primary key)."""
+        if not keys:
+            return set()
+        columns = tuple(list(part) for part in zip(*(_key_args(key) for key in keys), strict=True))
+        sql = f"""
+            SELECT e.user_id, e.thread_id, e.message_id, e.voice
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                AS t(user_id, thread_id, message_id, voice)
+            JOIN {self._table} AS e USING (user_id, thread_id, message_id, voice)
+        """
+        found = await self.pool.run("known", lambda con: con.fetch(sql, *columns))
+        return {CacheKey(row[0], row[1], row[2], row[3]) for row in found}
 
     async def touch(self, key: CacheKey) -> None:
         """Count a hit; only buffered here, the background flush writes it (no I/O, no wait)."""

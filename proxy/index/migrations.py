@@ -55,6 +55,19 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         );
         """,
     ),
+    (
+        3,
+        # Whether the entries table names everything one Volume holds (proxy/index/coverage.py):
+        # covered = generation when a walk that started at that generation reached its end.
+        """
+        CREATE TABLE IF NOT EXISTS {schema}.tts_cache_volumes (
+            volume      text        PRIMARY KEY,
+            generation  bigint      NOT NULL DEFAULT 0,
+            covered     bigint,
+            walked_at   timestamptz
+        );
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 MIGRATION_LOCK_NAMESPACE: Final = "tts-cache-proxy"
@@ -72,6 +85,11 @@ def quote_schema(name: str) -> str:
 def entries_table(schema: str) -> str:
     """The qualified name of the entries table in `schema` (ConfigError on a bad schema name)."""
     return f"{quote_schema(schema)}.tts_cache_entries"
+
+
+def volumes_table(schema: str) -> str:
+    """The qualified name of the table saying which Volumes the entries table covers."""
+    return f"{quote_schema(schema)}.tts_cache_volumes"
 
 
 def lock_id(namespace: str, schema: str) -> int:

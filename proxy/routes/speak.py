@@ -22,6 +22,7 @@ from proxy.headers import (
 )
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
+from proxy.index.lookup import IndexLookup
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission, cacheable_key, entry_matches
@@ -99,6 +100,7 @@ class SpeakHandler:
     synthesizer: Upstream
     stats: CacheStats
     index: PostgresIndex | None = None
+    index_lookup: IndexLookup | None = None
     ownership: OwnershipCheck | None = None
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
@@ -165,12 +167,17 @@ class SpeakHandler:
         flight: FlightKey = (key, text_sha, speak.provider)
         fill = self.flights.joinable(flight)
         if fill is None:
-            # 7. the Volume, as this user where the Volume acts as the user
+            # 7. the Volume, as this user where the Volume acts as the user; with lookups through
+            # the index, only when the index does not say that no such recording is stored
+            # (proxy/index/lookup.py: a wrong "absent" costs a synthesis, never wrong audio)
             CURRENT_TOKEN.set(identity.token if identity else None)
             mark = self.cache.put_mark()
-            served = await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
-            if served is not None:
-                return served
+            lookup = self.index_lookup
+            if lookup is None or await lookup.may_be_stored(key, text_sha, speak.provider):
+                found = await self.cache.open_volume(key)
+                served = await self._volume_hit(request, key, parsed, found)
+                if served is not None:
+                    return served
             fill = self.flights.joinable(flight)  # one may have started during the lookup
             if fill is None and self.cache.put_since(key, mark):
                 # One fill per key: a fill that started and committed while this lookup was out

@@ -91,6 +91,7 @@ def test_check_config_prints_the_effective_settings_with_secrets_redacted(
     assert 'url = "http://backend.internal:8000"' in result.stdout
     # Settings the file leaves out are printed with their defaults.
     assert 'default_voice = "af_nicole"' in result.stdout
+    assert 'lookup_via_index = "when-complete"  # default' in result.stdout
 
 
 def test_check_config_json_is_machine_readable(tmp_path: Path) -> None:

@@ -144,3 +144,22 @@ async def test_stats_totals_and_top_users(make_index: MakeIndex) -> None:
         (usage.bytes for usage in stats.top_users), reverse=True
     )
     assert "user00@example.com" not in {usage.user for usage in stats.top_users}
+
+
+async def test_a_late_record_never_replaces_a_fresher_row_and_known_keys(
+    make_index: MakeIndex,
+) -> None:
+    index = await make_index()
+    other = CacheKey(ALICE, "t-9", "m-other", "af_nicole")
+    await index.record(KEY, meta(length=200, created_at=1_700_000_100), path_of(KEY))
+    # A row kept through an outage, or found by a walk, made before the one recorded since.
+    await index.record(
+        KEY, meta(length=100, created_at=1_700_000_000), path_of(KEY), newer_only=True
+    )
+    assert [entry.bytes for entry in await index.list_entries()] == [200]
+    await index.record(
+        KEY, meta(length=300, created_at=1_700_000_200), path_of(KEY), newer_only=True
+    )
+    assert [entry.bytes for entry in await index.list_entries()] == [300]
+    assert await index.known([KEY, other]) == {KEY}
+    assert await index.known([]) == set()
