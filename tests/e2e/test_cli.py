@@ -319,7 +319,7 @@ def test_help_names_every_command_with_what_it_does(tmp_path: Path) -> None:
 async def test_sigterm_with_an_event_stream_open_exits_within_the_shutdown_bound(
     start_proxy: StartProxy, legacy_backend: FakeLegacyBackend, workers: int
 ) -> None:
-    bound = 3.0
+    bound = 5.0
     proxy = await start_proxy(
         {"upstream.url": legacy_backend.url, "server.shutdown_timeout_seconds": bound},
         extra_args=["--workers", str(workers)] if workers > 1 else [],
@@ -336,5 +336,5 @@ async def test_sigterm_with_an_event_stream_open_exits_within_the_shutdown_bound
         response.close()
 
     assert code == 0, proxy.log()
-    # The bound, plus what a process needs to start its stop and exit (not a second bound).
-    assert took < bound + 1.5, f"exited {took:.1f} s after SIGTERM\n{proxy.log()}"
+    # The bound, plus what a loaded machine needs to start the stop and exit: not a second bound.
+    assert took < bound + 2.5, f"exited {took:.1f} s after SIGTERM\n{proxy.log()}"
