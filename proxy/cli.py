@@ -23,7 +23,13 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
 from proxy.log_lines import quiet_malformed_requests
-from proxy.supervisor import BackendFailed, ParentBackend, for_workers, loopback_port
+from proxy.supervisor import (
+    BackendFailed,
+    ParentBackend,
+    check_backend_command,
+    for_workers,
+    loopback_port,
+)
 
 EXIT_CONFIG = 2
 EXIT_WORKER_FAILED = 1
@@ -151,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
+    check_backend_command(settings)
     if settings.upstream.command and workers == 1:
         from proxy.supervisor import serve_with_backend
 
@@ -211,8 +218,12 @@ def _serve_workers(settings: Settings, count: int) -> int:
         if backend_port:
             # One backend for all workers, the parent's child: the workers only relay to it.
             try:
+                upstream = settings.upstream
                 backend = ParentBackend(
-                    settings.upstream.command, backend_port, settings.upstream.start_timeout_seconds
+                    upstream.command,
+                    backend_port,
+                    upstream.start_timeout_seconds,
+                    upstream.command_env_unset,
                 )
             except BackendFailed as exc:
                 print(f"tts-cache-proxy: {exc}", file=sys.stderr, flush=True)

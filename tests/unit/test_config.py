@@ -72,6 +72,7 @@ def test_environment_list_as_json() -> None:
         ('[upstream]\nurl = "ftp://x"\n', "upstream.url"),
         ('[upstream]\nurl = "http://x:99999"\n', "upstream.url"),
         ('[upstream]\nkind = "grpc"\n', "upstream.kind"),
+        ('[upstream]\ncommand_env_unset = ["PATH=/bin"]\n', "upstream.command_env_unset"),
         ("[cache.memory]\nmax_bytes = -1\n", "cache.memory.max_bytes"),
         ('[identity]\ntrusted_proxies = ["nope"]\n', "identity.trusted_proxies"),
         ("[server]\naccess_log = 1\n", "server.access_log"),
