@@ -54,6 +54,8 @@ lock:
 # A folder to deploy as a Databricks App: the legacy app in LEGACY behind the proxy, in OUT
 # (README: "Deploy on Databricks Apps").
 databricks-bundle: $(STAMP)
+	@test -n "$(LEGACY)" -a -n "$(OUT)" || \
+		{ echo "usage: make databricks-bundle LEGACY=path/to/legacy/app OUT=new/folder" >&2; exit 2; }
 	$(BIN)/python deploy/databricks/bundle.py --legacy "$(LEGACY)" --out "$(OUT)"
 
 # Debian packages the tests use, installed only where missing.
