@@ -82,6 +82,16 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
         raise RuntimeError(f"{key!r} is not set up: was the app built by create_app?") from None
 
 
+def runner_shutdown_timeout(drain_seconds: float) -> float:
+    """aiohttp's shutdown_timeout for a drain of `drain_seconds` in all.
+
+    At shutdown aiohttp waits for a request in flight twice, each time up to shutdown_timeout
+    (for it to end, then for its task), before it cancels the request: a stream that never ends
+    holds the stop for twice the timeout. Half each keeps the whole drain within its bound.
+    """
+    return drain_seconds / 2
+
+
 def create_app(settings: Settings) -> web.Application:
     """The proxy application for `settings`."""
     check_credentials(settings.upstream)

@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         return _serve_workers(settings, workers)
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
     from proxy.heap import single_arena
 
     single_arena()
@@ -178,7 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.server.host,
         port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
         **access_log_options(settings),
         loop=new_event_loop(),
         print=lambda message: print(message, file=sys.stderr, flush=True),
@@ -319,7 +319,7 @@ def _signal_workers(workers: Sequence[ForkProcess], signum: int) -> None:
 def _worker_main(settings: Settings, parent: int) -> None:
     """One worker: the single-process server, on a port it shares with its siblings."""
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
 
     _die_with_parent(parent)
     loop = new_event_loop()
@@ -340,7 +340,7 @@ def _worker_main(settings: Settings, parent: int) -> None:
         create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
         **access_log_options(settings),
         loop=loop,
         handle_signals=False,

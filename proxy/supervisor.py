@@ -174,7 +174,7 @@ async def stop_backend(backend: asyncio.subprocess.Process, signum: int, within:
 async def serve_with_backend(settings: Settings) -> int:
     """Run the proxy and upstream.command until a stop signal or the backend's failure."""
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
 
     command = settings.upstream.command
     port = loopback_port()
@@ -182,7 +182,7 @@ async def serve_with_backend(settings: Settings) -> int:
     runner = web.AppRunner(
         create_app(settings),
         handle_signals=False,
-        shutdown_timeout=drain_seconds(settings),
+        shutdown_timeout=runner_shutdown_timeout(drain_seconds(settings)),
         **access_log_options(settings),
     )
     await runner.setup()

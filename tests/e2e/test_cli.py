@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,3 +246,24 @@ async def test_sigterm_drains_the_request_in_flight_then_exits_0(
     assert legacy_backend.calls["/slow"] == 1
     assert await asyncio.wait_for(proxy.process.wait(), timeout=10) == 0, proxy.log()
     assert await _refused(proxy.port)
+
+
+async def test_sigterm_with_a_stream_that_never_ends_exits_within_the_drain(
+    start_proxy: StartProxy, legacy_backend: FakeLegacyBackend
+) -> None:
+    # aiohttp waits twice for a request in flight: the drain must bound both waits together.
+    drain = 3.0
+    settings = {"upstream.url": legacy_backend.url, "server.shutdown_timeout_seconds": drain}
+    proxy = await start_proxy(settings)
+
+    async with aiohttp.ClientSession() as session:
+        url = f"{proxy.url}/sse?count=100000&interval=0.2"
+        async with session.get(url, headers={"Accept": "text/event-stream"}) as stream:
+            assert await stream.content.readline() == b"id: 0\n"
+            stopped_at = time.monotonic()
+            proxy.process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proxy.process.wait(), timeout=4 * drain)
+            elapsed = time.monotonic() - stopped_at
+
+    assert code == 0, proxy.log()
+    assert drain - 0.5 < elapsed < drain + 1.5, elapsed  # twice the drain before the fix
