@@ -421,16 +421,30 @@ async def test_a_dead_legacy_app_stops_the_command_non_zero(deployment: Deployme
     assert "uvicorn app:app" in lines[0]
 
 
-async def test_the_rollback_line_runs_the_legacy_app_alone(deployment: Deployment) -> None:
-    app = await deployment.start(rollback_command(deployment.folder / "app.yaml"))
-    await deployment.ready(app, "/health")
-    text = "Cached by the legacy app itself."
+async def test_the_rollback_line_runs_the_legacy_app_alone_on_what_the_proxy_cached(
+    deployment: Deployment,
+) -> None:
+    app = await deployment.start()
+    await deployment.ready(app)
+    text = "Cached by the proxy, then by the legacy app itself."
     async with aiohttp.ClientSession() as session:
-        message = await post_message(session, app, text)
-        first = await speak(session, app, ALICE, message, text)
-        second = await speak(session, app, ALICE, message, text)
+        cached_by_proxy = await post_message(session, app, text)
+        status, _, audio = await speak(session, app, ALICE, cached_by_proxy, text)
+        assert status == 200
+        await eventually(lambda: tts_cache(deployment.dsn, cached_by_proxy))
+    assert await deployment.stop(app) == 0
 
-    # The legacy app on the platform's port, with its own Volume cache back on.
+    legacy = await deployment.start(rollback_command(deployment.folder / "app.yaml"))
+    await deployment.ready(legacy, "/health")
+    async with aiohttp.ClientSession() as session:
+        # The legacy app alone, on the platform's port: chat_messages.metadata.tts_cache, as
+        # the proxy wrote it, leads it to the proxy's object.
+        status, headers, again = await speak(session, legacy, ALICE, cached_by_proxy, text)
+        assert (status, headers["X-TTS-Cache"], again) == (200, "hit", audio)
+        # Its own Volume cache is on again.
+        message = await post_message(session, legacy, text)
+        first = await speak(session, legacy, ALICE, message, text)
+        second = await speak(session, legacy, ALICE, message, text)
     assert [(status, h["X-TTS-Cache"]) for status, h, _ in (first, second)] == [
         (200, "miss"),
         (200, "hit"),
@@ -438,3 +452,4 @@ async def test_the_rollback_line_runs_the_legacy_app_alone(deployment: Deploymen
     assert first[2] == second[2] == synthesize(text, "af_nicole")
     legacy_path = f"{VOLUME}/tts_audio/{ALICE}/t-1/{message}.mp3"
     assert deployment.emulator.read(legacy_path) == first[2]
+    assert legacy.log().count(SYNTHESIZED) == 1
