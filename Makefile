@@ -2,10 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := proxy tests $(wildcard bench)
+LINTED := proxy tests scripts deploy $(wildcard bench)
 STAMP := $(VENV)/.installed
+# Every dependency of the proxy and its tests, pinned (scripts/lock.py): the venv installs
+# through it, and deploy/databricks/requirements.txt is its run-time part.
+LOCK := requirements.lock
 
-.PHONY: run test bench lint typecheck pytest system-deps bench-deps screenshots clean
+.PHONY: run test bench lint typecheck pytest system-deps bench-deps screenshots clean lock \
+	databricks-bundle
 
 run: $(STAMP)
 	$(BIN)/tts-cache-proxy demo
@@ -14,7 +18,7 @@ test: $(STAMP) system-deps lint typecheck pytest
 
 # The benchmark (bench/README.md): under 6 minutes, writes bench/results/latest.{md,json,png}.
 bench: $(STAMP) bench-deps
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[bench]'
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
@@ -31,11 +35,28 @@ pytest: $(STAMP)
 screenshots: $(STAMP) system-deps
 	UPDATE_SCREENSHOTS=1 $(BIN)/pytest -q tests/e2e/test_screenshots.py
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
+
+# After a change of dependencies in pyproject.toml: resolve them again on PyPI (uv), install the
+# venv from the new lock, and write the pins the Databricks App installs.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv>=0.5,<1'
+	$(BIN)/python scripts/lock.py compile
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
+	$(BIN)/python scripts/lock.py deploy
+	touch $(STAMP)
+
+# A folder to deploy as a Databricks App: the legacy app in LEGACY behind the proxy, in OUT
+# (README: "Deploy on Databricks Apps").
+databricks-bundle: $(STAMP)
+	@test -n "$(LEGACY)" -a -n "$(OUT)" || \
+		{ echo "usage: make databricks-bundle LEGACY=path/to/legacy/app OUT=new/folder" >&2; exit 2; }
+	$(BIN)/python deploy/databricks/bundle.py --legacy "$(LEGACY)" --out "$(OUT)"
 
 # Debian packages the tests use, installed only where missing.
 system-deps:

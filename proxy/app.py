@@ -20,7 +20,6 @@ from proxy.admin.history import History
 from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
-from proxy.draining import Drain
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
 from proxy.index.backfill import IndexBackfill
@@ -90,6 +89,16 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
         raise RuntimeError(f"{key!r} is not set up: was the app built by create_app?") from None
 
 
+def runner_shutdown_timeout(drain_seconds: float) -> float:
+    """aiohttp's shutdown_timeout for a drain of `drain_seconds` in all.
+
+    At shutdown aiohttp waits for a request in flight twice, each time up to shutdown_timeout
+    (for it to end, then for its task), before it cancels the request: a stream that never ends
+    holds the stop for twice the timeout. Half each keeps the whole drain within its bound.
+    """
+    return drain_seconds / 2
+
+
 def create_app(settings: Settings) -> web.Application:
     """The proxy application for `settings`."""
     check_credentials(settings.upstream)
@@ -111,14 +120,10 @@ def create_app(settings: Settings) -> web.Application:
     if settings.admin.token:  # no token, no pages (every one is a 404)
         setup_templates(app)
 
-    drain = Drain(settings.server.shutdown_timeout_seconds)
-    app.on_shutdown.append(drain.on_shutdown)
-    app.on_cleanup.append(drain.on_cleanup)
-
-    # Every handler names the request id on its responses (with_request_id), and is cut when the
-    # stop's bound passes (Drain): no middleware or on_response_prepare signal on the hot path.
+    # Every handler names the request id on its responses (with_request_id): no middleware or
+    # on_response_prepare signal on the hot path.
     def add(method: str, path: str, handler: Handler) -> None:
-        wrapped = with_request_id(drain.guard(handler))
+        wrapped = with_request_id(handler)
         if method == "GET":  # and HEAD, as add_get does
             app.router.add_get(path, wrapped)
         else:

@@ -24,7 +24,13 @@ from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, redacted, to_toml
 from proxy.listen import SERVE_PORT, check_free, listening
 from proxy.log_lines import quiet_malformed_requests
-from proxy.supervisor import BackendFailed, ParentBackend, for_workers, loopback_port
+from proxy.supervisor import (
+    BackendFailed,
+    ParentBackend,
+    check_backend_command,
+    for_workers,
+    loopback_port,
+)
 
 EXIT_CONFIG = 2
 EXIT_WORKER_FAILED = 1
@@ -167,6 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
+    check_backend_command(settings)
     if settings.upstream.command and workers == 1:
         from proxy.supervisor import serve_with_backend
 
@@ -178,7 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         return _serve_workers(settings, workers)
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
     from proxy.heap import single_arena
 
     single_arena()
@@ -188,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             app,
             host=settings.server.host,
             port=settings.server.port,
-            shutdown_timeout=settings.server.shutdown_timeout_seconds,
+            shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
             **access_log_options(settings),
             loop=new_event_loop(),
             print=lambda message: print(message, file=sys.stderr, flush=True),
@@ -231,8 +238,12 @@ def _serve_workers(settings: Settings, count: int) -> int:
         if backend_port:
             # One backend for all workers, the parent's child: the workers only relay to it.
             try:
+                upstream = settings.upstream
                 backend = ParentBackend(
-                    settings.upstream.command, backend_port, settings.upstream.start_timeout_seconds
+                    upstream.command,
+                    backend_port,
+                    upstream.start_timeout_seconds,
+                    upstream.command_env_unset,
                 )
             except BackendFailed as exc:
                 print(f"tts-cache-proxy: {exc}", file=sys.stderr, flush=True)
@@ -328,7 +339,7 @@ def _signal_workers(workers: Sequence[ForkProcess], signum: int) -> None:
 def _worker_main(settings: Settings, parent: int) -> None:
     """One worker: the single-process server, on a port it shares with its siblings."""
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
 
     _die_with_parent(parent)
     loop = new_event_loop()
@@ -349,7 +360,7 @@ def _worker_main(settings: Settings, parent: int) -> None:
         create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
         **access_log_options(settings),
         loop=loop,
         handle_signals=False,

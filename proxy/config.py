@@ -240,6 +240,10 @@ def _validate(settings: Settings) -> None:
     _check_url("upstream.deepgram_base_url", upstream.deepgram_base_url)
     if upstream.fallback and upstream.fallback == upstream.kind:
         raise ConfigError("upstream.fallback", "must differ from upstream.kind")
+    if not all(
+        re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in upstream.command_env_unset
+    ):
+        raise ConfigError("upstream.command_env_unset", "must be environment variable names")
     if upstream.fallback not in {"", "replicate", "deepgram"}:
         raise ConfigError(
             "upstream.fallback", f"must be '', 'replicate' or 'deepgram', got {upstream.fallback!r}"
@@ -329,7 +333,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("index.ownership_query", "must use $1 (message id) and $2 (user)")
     if cache.volume.kind == "databricks" and not cache.volume.path.startswith("/Volumes/"):
         raise ConfigError(
-            "cache.volume.path", "must be /Volumes/<catalog>/<schema>/<volume> for databricks"
+            "cache.volume.path",
+            "must be /Volumes/<catalog>/<schema>/<volume> for databricks (or DATABRICKS_VOLUME)",
         )
 
 

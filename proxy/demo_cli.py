@@ -14,14 +14,14 @@ from proxy.listen import listening
 async def run_demo(settings: Settings, backend_port: int) -> None:
     """Serve the demo backend and the proxy until SIGINT or SIGTERM."""
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
     from proxy.demo import create_demo_app
 
     host, port = settings.server.host, settings.server.port
     backend = web.AppRunner(create_demo_app())
     proxy = web.AppRunner(
         create_app(settings),
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
         **access_log_options(settings),
     )
     await backend.setup()

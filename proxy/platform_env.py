@@ -13,11 +13,16 @@ LEGACY_VOLUME = "DATABRICKS_VOLUME"
 
 
 def legacy_volume(tree: dict[str, Any], legacy: str) -> dict[str, Any]:
-    """DATABRICKS_VOLUME, as the legacy backend read it, when nothing more specific is set."""
+    """DATABRICKS_VOLUME, as the legacy backend read it, where no path (or other kind) is set."""
     volume = tree.get("cache", {}).get("volume", {})
-    if not legacy.strip() or not isinstance(volume, dict) or "kind" in volume or "path" in volume:
+    if not legacy.strip() or not isinstance(volume, dict) or "path" in volume:
         return {}
-    return {"cache.volume.kind": "databricks", "cache.volume.path": legacy.strip().rstrip("/")}
+    if volume.get("kind", "databricks") != "databricks":
+        return {}
+    derived = {"cache.volume.path": legacy.strip().rstrip("/")}
+    if "kind" not in volume:
+        derived["cache.volume.kind"] = "databricks"
+    return derived
 
 
 def platform_port(tree: dict[str, Any], port: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class UpstreamSettings:
     deepgram_base_url: str = "https://api.deepgram.com"
     deepgram_encoding: str = "mp3"
     command: list[str] = field(default_factory=list)
+    command_env_unset: list[str] = field(default_factory=list)
     start_timeout_seconds: float = 60.0
     stop_seconds: float = 14.0
 

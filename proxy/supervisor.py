@@ -8,17 +8,19 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Final
 
 from aiohttp import web
 
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings
 from proxy.listen import SERVE_PORT, listening
 
 EXIT_BACKEND_FAILED = 1
@@ -27,6 +29,28 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BACKEND_STOP_SECONDS = 3.0
 PROBE_INTERVAL_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
+# In the backend's arguments, replaced by its loopback port (the platform substitutes only
+# $DATABRICKS_APP_PORT, which is the proxy's own).
+BACKEND_PORT_PLACEHOLDER: Final = "{backend_port}"
+# What Databricks Apps (and `databricks apps run-local`) set to the app's port and address for
+# the frameworks it knows. The backend inherits the environment, so each of them names the
+# backend's loopback port and address instead: a backend that reads any of them (uvicorn reads
+# UVICORN_PORT and UVICORN_HOST) listens where the proxy expects, never on the proxy's port.
+BACKEND_PORT_VARIABLES: Final = (
+    "DATABRICKS_APP_PORT",
+    "PORT",
+    "UVICORN_PORT",
+    "FLASK_RUN_PORT",
+    "STREAMLIT_SERVER_PORT",
+    "GRADIO_SERVER_PORT",
+)
+BACKEND_HOST_VARIABLES: Final = (
+    "UVICORN_HOST",
+    "FLASK_RUN_HOST",
+    "STREAMLIT_SERVER_ADDRESS",
+    "GRADIO_SERVER_NAME",
+)
+BACKEND_HOST: Final = "127.0.0.1"
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -37,6 +61,38 @@ def loopback_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def backend_environment(port: int, unset: Iterable[str] = ()) -> dict[str, str]:
+    """The proxy's environment for the backend: its port and address named, `unset` left out."""
+    hidden = set(unset)
+    env = {name: value for name, value in os.environ.items() if name not in hidden}
+    env.update(dict.fromkeys(BACKEND_PORT_VARIABLES, str(port)))
+    env.update(dict.fromkeys(BACKEND_HOST_VARIABLES, BACKEND_HOST))
+    return env
+
+
+def backend_argv(command: Sequence[str], port: int) -> list[str]:
+    """The backend's arguments with {backend_port} replaced by its loopback port."""
+    return [argument.replace(BACKEND_PORT_PLACEHOLDER, str(port)) for argument in command]
+
+
+def check_backend_command(settings: Settings) -> None:
+    """ConfigError when an argument names the proxy's own port: the backend would collide."""
+    port = settings.server.port
+    if not port:
+        return
+    # "8000", "--port=8000", "0.0.0.0:8000": what a platform-substituted $DATABRICKS_APP_PORT
+    # leaves in a command written for the app alone.
+    own_port = re.compile(rf"(?:.*[=:])?{port}")
+    for argument in settings.upstream.command:
+        if own_port.fullmatch(argument):
+            raise ConfigError(
+                "upstream.command",
+                f"argument {argument!r} is the proxy's own port {port}: drop it (the backend "
+                f"gets its port as DATABRICKS_APP_PORT, PORT and UVICORN_PORT) "
+                f"or write {BACKEND_PORT_PLACEHOLDER}",
+            )
 
 
 def with_backend_url(settings: Settings, port: int) -> Settings:
@@ -59,16 +115,17 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def start_backend(command: Sequence[str], port: int) -> asyncio.subprocess.Process:
-    """Start the backend (no shell) with DATABRICKS_APP_PORT and PORT set to `port`."""
-    env = {**os.environ, "DATABRICKS_APP_PORT": str(port), "PORT": str(port)}
+async def start_backend(
+    command: Sequence[str], port: int, unset_env: Iterable[str] = ()
+) -> asyncio.subprocess.Process:
+    """Start the backend (no shell) on `port`: its arguments and environment name it."""
     try:
         # Its own session: a terminal's Ctrl-C reaches the proxy only, which stops the backend
         # after its drain; its stdout and stderr are the proxy's own.
         return await asyncio.create_subprocess_exec(
-            *command,
+            *backend_argv(command, port),
             stdin=asyncio.subprocess.DEVNULL,
-            env=env,
+            env=backend_environment(port, unset_env),
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -118,7 +175,7 @@ async def stop_backend(backend: asyncio.subprocess.Process, signum: int, within:
 async def serve_with_backend(settings: Settings) -> int:
     """Run the proxy and upstream.command until a stop signal or the backend's failure."""
     from proxy.access_log import access_log_options
-    from proxy.app import create_app
+    from proxy.app import create_app, runner_shutdown_timeout
 
     command = settings.upstream.command
     port = loopback_port()
@@ -126,7 +183,7 @@ async def serve_with_backend(settings: Settings) -> int:
     runner = web.AppRunner(
         create_app(settings),
         handle_signals=False,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+        shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),
         **access_log_options(settings),
     )
     await runner.setup()
@@ -149,7 +206,7 @@ async def serve_with_backend(settings: Settings) -> int:
         host, listen = settings.server.host, settings.server.port
         with listening(host, listen, *SERVE_PORT):
             await web.TCPSite(runner, host, listen).start()
-        backend = await start_backend(command, port)
+        backend = await start_backend(command, port, settings.upstream.command_env_unset)
         log.info(
             "proxy on %s:%d; backend `%s` (pid %d) on 127.0.0.1:%d",
             *(host, listen, shlex.join(command), backend.pid, port),
@@ -206,18 +263,23 @@ class ParentBackend:
 
     # Blocking calls on purpose: the parent runs no event loop, only waits for its children.
 
-    def __init__(self, command: Sequence[str], port: int, start_timeout: float) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        port: int,
+        start_timeout: float,
+        unset_env: Iterable[str] = (),
+    ) -> None:
         self.name = f"backend `{shlex.join(command)}`"
         self.port = port
         self.deadline = time.monotonic() + start_timeout
         self.start_timeout = start_timeout
         self.answered = False
-        env = {**os.environ, "DATABRICKS_APP_PORT": str(port), "PORT": str(port)}
         try:
             self.process = subprocess.Popen(
-                list(command),
+                backend_argv(command, port),
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=backend_environment(port, unset_env),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )

@@ -37,8 +37,8 @@ open(sys.argv[1], "w").write(str(os.getpid()))
 time.sleep(float(os.environ.get("BACKEND_START_DELAY", "0")))
 
 async def env(request):
-    names = ("DATABRICKS_APP_PORT", "PORT")
-    return web.json_response({name: os.environ.get(name) for name in names})
+    names = ("DATABRICKS_APP_PORT", "PORT", "UVICORN_PORT", "UVICORN_HOST", "DATABRICKS_VOLUME")
+    return web.json_response({**{name: os.environ.get(name) for name in names}, "argv": sys.argv})
 
 async def slow(request):
     await asyncio.sleep(float(request.query["delay"]))
@@ -79,6 +79,7 @@ async def start_supervised(tmp_path: Path) -> AsyncIterator[Start]:
         env: Mapping[str, str] | None = None,
         backend: Sequence[str] | None = None,
         workers: int = 1,
+        port: int | None = None,
     ) -> ProxyProcess:
         script = tmp_path / "backend.py"
         script.write_text(BACKEND)
@@ -86,8 +87,16 @@ async def start_supervised(tmp_path: Path) -> AsyncIterator[Start]:
         values = {"cache.volume.path": str(tmp_path / "volume"), **(settings or {})}
         config = tmp_path / "proxy.toml"
         config.write_text(toml_for(values))
-        port = free_port()
-        environment = {"DATABRICKS_APP_PORT": str(port), **(env or {})}
+        port = port or free_port()
+        # As Databricks Apps (and `databricks apps run-local`) set them: every port variable
+        # names the app's own port, which is the proxy's.
+        environment = {
+            "DATABRICKS_APP_PORT": str(port),
+            "PORT": str(port),
+            "UVICORN_PORT": str(port),
+            "UVICORN_HOST": "0.0.0.0",
+            **(env or {}),
+        }
         argv = ["serve", "--config", str(config), "--workers", str(workers), "--", *command]
         proxy = await spawn_proxy(tmp_path, argv, port=port, env=environment)
         started.append(proxy)
@@ -149,11 +158,57 @@ async def test_backend_gets_its_own_port_and_readiness_waits_for_it(
         async with session.get(f"{proxy.url}/env") as response:
             assert response.status == 200
             seen = await response.json()
-    assert seen["DATABRICKS_APP_PORT"] == seen["PORT"]
+    assert seen["DATABRICKS_APP_PORT"] == seen["PORT"] == seen["UVICORN_PORT"]
     assert seen["PORT"] != str(proxy.port)
+    assert seen["UVICORN_HOST"] == "127.0.0.1"
     # One backend, whatever the number of workers; its stdout passes through.
     assert proxy.log().count("backend: listening on") == 1, proxy.log()
     assert f"backend: listening on {seen['PORT']}" in proxy.log()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_the_backend_port_placeholder_and_the_variables_kept_from_it(
+    start_supervised: Start, workers: int, tmp_path: Path
+) -> None:
+    script = tmp_path / "backend.py"
+    command = [sys.executable, str(script), str(tmp_path / "backend.pid"), "--port={backend_port}"]
+    proxy = await start_supervised(
+        {"upstream.command_env_unset": ["DATABRICKS_VOLUME"]},
+        env={"DATABRICKS_VOLUME": "/Volumes/main/chat/tts/"},
+        backend=command,
+        workers=workers,
+    )
+    await proxy.wait_healthy()
+    await wait_ready(proxy)
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy.url}/env") as response:
+            seen = await response.json()
+    assert seen["argv"][-1] == f"--port={seen['PORT']}"
+    assert seen["DATABRICKS_VOLUME"] is None  # the proxy's Volume, not the backend's
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize(
+    "argument", ["{port}", "--port={port}", "0.0.0.0:{port}"], ids=["bare", "option", "bind"]
+)
+async def test_a_backend_argument_naming_the_proxy_port_is_refused(
+    start_supervised: Start, workers: int, argument: str
+) -> None:
+    # What the platform leaves of `--port $DATABRICKS_APP_PORT` in the legacy app's command.
+    port = free_port()
+    given = argument.format(port=port)
+    backend = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", given]
+    proxy = await start_supervised(backend=backend, workers=workers, port=port)
+
+    code = await asyncio.wait_for(proxy.process.wait(), timeout=10)
+
+    assert code == 2
+    assert proxy.log().strip().splitlines() == [
+        f"config error: upstream.command: argument {given!r} is the proxy's own port {port}: "
+        "drop it (the backend gets its port as DATABRICKS_APP_PORT, PORT and UVICORN_PORT) "
+        "or write {backend_port}"
+    ]
 
 
 @pytest.mark.parametrize("workers", WORKERS)

@@ -17,7 +17,8 @@ What it follows, and where from:
   `POST /api/2.0/fs/create-download-url` (its default download path: a presigned URL).
 - Invalid tokens answer 403 "Invalid access token.", missing credentials 401.
 
-Faults, latency and corruption are injected at runtime by the tests.
+Faults, latency and corruption are injected at runtime by the tests; `max_concurrent` is the
+workspace's concurrency limit (429 with Retry-After past it, counted in `over_limit`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class FilesApiEmulator(LocalServer):
         workspace_id: str = "1234567890123456",
         account_id: str = "00000000-0000-0000-0000-000000000000",
         token_lifetime_seconds: int = 3600,
+        max_concurrent: int | None = None,
     ) -> None:
         super().__init__()
         self.volumes: tuple[str, ...] = tuple(v.rstrip("/") for v in volumes)
@@ -180,6 +182,9 @@ class FilesApiEmulator(LocalServer):
         # Files API requests being answered now, and the most there ever were at once.
         self.in_flight = 0
         self.max_in_flight = 0
+        # The workspace's concurrency limit: a call past it is answered 429 at once, counted.
+        self.max_concurrent = max_concurrent
+        self.over_limit = 0
         self.faults: list[Fault] = []
         # Awaited with each new OAuth token before it is sent (e.g. to make it a database
         # password, as Lakebase accepts the app's token); it may also delay the answer.
@@ -313,6 +318,11 @@ class FilesApiEmulator(LocalServer):
         self.requests.append(record)
         self.calls[f"{method} {raw if endpoint in ('oauth', 'metadata') else path}"] += 1
         counted = endpoint not in ("oauth", "metadata")
+        if counted and self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+            self.over_limit += 1
+            response = _too_many(method, "Too many concurrent requests.", retry_after=1)
+            record.status = response.status
+            return response
         if counted:  # the concurrency the Files API would see from this client
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -371,11 +381,8 @@ class FilesApiEmulator(LocalServer):
                 await self._stopping.wait()
                 raise FilesApiError(503, "TEMPORARILY_UNAVAILABLE", "The emulator is stopping.")
             if fault.kind == "throttle":
-                response = FilesApiError(
-                    429, "REQUEST_LIMIT_EXCEEDED", "Too many requests. Please try again later."
-                ).response(method)
-                response.headers["Retry-After"] = str(fault.retry_after)
-                return response
+                message = "Too many requests. Please try again later."
+                return _too_many(method, message, retry_after=fault.retry_after)
             return FilesApiError(
                 fault.status, _error_code_for(fault.status), "Injected failure."
             ).response(method)
@@ -634,6 +641,13 @@ class FilesApiEmulator(LocalServer):
                 "scope": str(form.get("scope", "all-apis")),
             }
         )
+
+
+def _too_many(method: str, message: str, *, retry_after: int) -> web.Response:
+    """429 REQUEST_LIMIT_EXCEEDED with Retry-After, as the Files API throttles."""
+    response = FilesApiError(429, "REQUEST_LIMIT_EXCEEDED", message).response(method)
+    response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def _classify(raw_path: str) -> tuple[Endpoint, str]:

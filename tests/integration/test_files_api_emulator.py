@@ -318,3 +318,23 @@ async def test_injected_faults(emulator: FilesApiEmulator) -> None:
     emulator.corrupt(f"{VOLUME}/f.bin")
     corrupted = emulator.read(f"{VOLUME}/f.bin")
     assert corrupted is not None and len(corrupted) == len(payload) and corrupted != payload
+
+
+async def test_calls_past_the_concurrency_limit_are_throttled() -> None:
+    server = FilesApiEmulator(max_concurrent=3)
+    await server.start()
+    server.latency = 0.2
+    url = f"{server.url}/api/2.0/fs/files{VOLUME}/missing.bin"
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {PAT}"}) as session:
+
+            async def head() -> tuple[int, str | None]:
+                async with session.head(url) as response:
+                    return response.status, response.headers.get("Retry-After")
+
+            answers = await asyncio.gather(*(head() for _ in range(5)))
+    finally:
+        await server.stop()
+
+    assert sorted(answers, key=str) == [(404, None)] * 3 + [(429, "1")] * 2
+    assert (server.max_in_flight, server.over_limit) == (3, 2)

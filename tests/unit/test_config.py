@@ -36,9 +36,49 @@ def test_default_toml_comments_every_key() -> None:
             assert "#" in line, f"no comment on: {line}"
 
 
-@pytest.mark.parametrize("name", ["example.toml", "docker.toml", "databricks-app.toml"])
+@pytest.mark.parametrize("name", ["example.toml", "docker.toml"])
 def test_shipped_examples_load(name: str) -> None:
     load_settings(ROOT / "config" / name, env={})
+
+
+PRESET = ROOT / "deploy/databricks/tts-cache-proxy.toml"
+# What Databricks Apps sets with the app.yaml of deploy/databricks and its two resources.
+PLATFORM = {
+    "DATABRICKS_APP_PORT": "8000",
+    "DATABRICKS_VOLUME": "/Volumes/main/chat/tts",
+    "PGHOST": "instance-1.database.cloud.databricks.com",
+}
+
+
+def test_the_databricks_preset_takes_what_the_platform_gives() -> None:
+    sources: dict[str, str] = {}
+    settings = load_settings(PRESET, env=PLATFORM, sources=sources)
+
+    assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8000)
+    assert sources["server.port"] == "platform (DATABRICKS_APP_PORT)"
+    volume = settings.cache.volume
+    assert (volume.kind, volume.path, volume.prefix) == (
+        "databricks",
+        "/Volumes/main/chat/tts",
+        "tts_audio",
+    )
+    assert sources["cache.volume.path"] == "environment (DATABRICKS_VOLUME)"
+    # Every peer is the Apps gateway: any address is believed (the preset says so, and what
+    # to change anywhere else).
+    assert settings.identity.trusted_proxies == ["0.0.0.0/0", "::/0"]
+    assert settings.upstream.command_env_unset == ["DATABRICKS_VOLUME"]
+    index = settings.index
+    assert (index.dsn, index.password_from) == ("", "databricks")
+    assert index.verify_ownership and index.write_legacy_metadata
+    assert volume.max_concurrent_calls < 10  # the workspace's Files API allows about 10
+
+
+def test_the_databricks_preset_without_its_volume_stops_naming_it() -> None:
+    without = {name: value for name, value in PLATFORM.items() if name != "DATABRICKS_VOLUME"}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(PRESET, env=without)
+    assert raised.value.key == "cache.volume.path"
+    assert "DATABRICKS_VOLUME" in str(raised.value)
 
 
 def test_file_then_environment(tmp_path: Path) -> None:
@@ -77,6 +117,7 @@ def test_environment_list_as_json() -> None:
         ('[upstream]\nurl = "http://x:99999"\n', "upstream.url"),
         ('[upstream]\nkind = "grpc"\n', "upstream.kind"),
         ('[cache.volume]\nlookup_via_index = "yes"\n', "cache.volume.lookup_via_index"),
+        ('[upstream]\ncommand_env_unset = ["PATH=/bin"]\n', "upstream.command_env_unset"),
         ("[cache.memory]\nmax_bytes = -1\n", "cache.memory.max_bytes"),
         ('[identity]\ntrusted_proxies = ["nope"]\n', "identity.trusted_proxies"),
         ("[server]\naccess_log = 1\n", "server.access_log"),
