@@ -169,11 +169,11 @@ def _serve(args: argparse.Namespace) -> int:
             "upstream.command": getattr(args, "backend", None) or None,
         },
     )
-    _warn_about(settings)
     workers = getattr(args, "workers", 1)
     if workers < 1:
         raise ConfigError("--workers", f"must be 1 or more, got {workers}")
     check_backend_command(settings)
+    _warn_about(settings)
     if settings.upstream.command and workers == 1:
         from proxy.supervisor import serve_with_backend
 

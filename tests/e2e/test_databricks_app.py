@@ -198,6 +198,9 @@ async def deployment(bundle: Path, tmp_path: Path, postgres_dsn: str) -> AsyncIt
         "UVICORN_PORT": str(port),
         "UVICORN_HOST": "0.0.0.0",
         "FLASK_RUN_PORT": str(port),
+        # Not the platform's: a test's servers listen on loopback only (the platform's 0.0.0.0
+        # default gives way to an explicit setting, as an operator's would).
+        "TTS_PROXY_SERVER_HOST": "127.0.0.1",
         "DATABRICKS_HOST": emulator.url,
         "DATABRICKS_TOKEN": PAT,
         "DATABRICKS_CONFIG_FILE": str(tmp_path / "no-databrickscfg"),

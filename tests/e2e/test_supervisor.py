@@ -84,7 +84,12 @@ async def start_supervised(tmp_path: Path) -> AsyncIterator[Start]:
         script = tmp_path / "backend.py"
         script.write_text(BACKEND)
         command = backend or [sys.executable, str(script), str(tmp_path / "backend.pid")]
-        values = {"cache.volume.path": str(tmp_path / "volume"), **(settings or {})}
+        # The platform's 0.0.0.0 default gives way to an explicit host: tests listen on loopback.
+        values = {
+            "cache.volume.path": str(tmp_path / "volume"),
+            "server.host": "127.0.0.1",
+            **(settings or {}),
+        }
         config = tmp_path / "proxy.toml"
         config.write_text(toml_for(values))
         port = port or free_port()
@@ -309,11 +314,13 @@ async def test_databricks_app_port_is_where_the_proxy_listens(
         tmp_path,
         ["serve", "--config", str(config)],
         port=port,
-        env={"DATABRICKS_APP_PORT": str(port)},
+        # The platform's host default (0.0.0.0, checked through check-config below) gives way to
+        # an explicit one: a test's servers listen on loopback only.
+        env={"DATABRICKS_APP_PORT": str(port), "TTS_PROXY_SERVER_HOST": "127.0.0.1"},
     )
     try:
         await proxy.wait_healthy()
-        assert f"0.0.0.0:{port}" in proxy.log()
+        assert f"127.0.0.1:{port}" in proxy.log()
     finally:
         await proxy.stop()
 
