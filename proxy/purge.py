@@ -52,7 +52,7 @@ async def purge(
 ) -> PurgeResult:
     """Remove everything inside `scope`; a fill in flight for it is served but not stored."""
     cancelled = flights.cancel_store(scope.covers) if flights is not None else 0
-    memory = await cache.purge_where(scope.covers)
+    memory = (await cache.purge_where(scope.covers)).memory
     volume = await _purge_volume(scope, cache)
     removed_rows = await _purge_index(scope, index)
     if ownership is not None and scope.user is not None:

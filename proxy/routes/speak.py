@@ -168,7 +168,8 @@ class SpeakHandler:
             # 7. the Volume, as this user where the Volume acts as the user
             CURRENT_TOKEN.set(identity.token if identity else None)
             mark = self.cache.put_mark()
-            served = await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
+            found = await self.cache.open_volume(key)
+            served = await self._volume_hit(request, key, parsed, found, mark)
             if served is not None:
                 return served
             fill = self.flights.joinable(flight)  # one may have started during the lookup
@@ -225,6 +226,7 @@ class SpeakHandler:
         key: CacheKey,
         parsed: ParsedSpeak,
         found: Entry | EntryStream | None,
+        mark: int,
     ) -> web.StreamResponse | None:
         """The Volume's answer served when it matches the request; None to go on to a fill."""
         if isinstance(found, Entry):
@@ -234,7 +236,7 @@ class SpeakHandler:
                 return self._replay(request, key, found, "volume")
         elif found is not None:
             if parsed.matches(found.meta):
-                return await self._stream_hit(request, key, found)
+                return await self._stream_hit(request, key, found, mark)
             await found.aclose()
         return None
 
@@ -248,12 +250,14 @@ class SpeakHandler:
                 return None
             await self._note_hit(key, "memory")
             return self._replay(request, key, entry, "memory")
-        return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
+        mark = self.cache.put_mark()
+        return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key), mark)
 
     async def _stream_hit(
-        self, request: web.Request, key: CacheKey, stream: EntryStream
+        self, request: web.Request, key: CacheKey, stream: EntryStream, mark: int
     ) -> web.StreamResponse:
-        """A Volume hit sent as it is read; copied into memory once it ended intact."""
+        """A Volume hit sent as it is read; copied into memory once it ended intact, unless a
+        purge covered the key since the lookup began (`mark`)."""
         await self._note_hit(key, "volume")
         meta = stream.meta
         headers = hit_headers(key, meta, "volume")
@@ -281,7 +285,7 @@ class SpeakHandler:
         finally:
             await stream.aclose()
         await response.write_eof()
-        self.cache.promote(key, Entry(meta, b"".join(parts)))
+        self.cache.promote(key, Entry(meta, b"".join(parts)), since=mark)
         log.debug("hit %s streamed from the volume", key.digest())
         return response
 
