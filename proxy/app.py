@@ -21,13 +21,17 @@ from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
+from proxy.fleet.broadcast import Broadcast
+from proxy.fleet.group import SiblingServer, WorkerGroup
+from proxy.fleet.setup import start_broadcast
+from proxy.fleet.view import GroupView, Sampler
 from proxy.identity import IdentityResolver
 from proxy.index.entries import PostgresIndex
 from proxy.index.legacy import LegacyMessages
 from proxy.index.pool import Password, index_enabled
 from proxy.janitor import Janitor
 from proxy.limits import ClientLimit, SlottedUpstream, UpstreamSlots
-from proxy.metrics import Metrics, ProxyCollector
+from proxy.metrics import Metrics
 from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission
 from proxy.readiness import Readiness, readiness_session
@@ -70,6 +74,9 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 READINESS: Final = web.AppKey("readiness", Readiness)
 SLOTS: Final = web.AppKey("slots", UpstreamSlots)
 CLIENT_LIMIT: Final = web.AppKey("client_limit", ClientLimit)
+GROUP: Final = web.AppKey("group", WorkerGroup)
+BROADCAST: Final = web.AppKey("broadcast", Broadcast)
+GROUP_VIEW: Final = web.AppKey("group_view", GroupView)
 
 T = TypeVar("T")
 
@@ -82,11 +89,13 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
         raise RuntimeError(f"{key!r} is not set up: was the app built by create_app?") from None
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The proxy application for `settings`."""
+def create_app(settings: Settings, *, group: WorkerGroup | None = None) -> web.Application:
+    """The proxy application for `settings`; `group` when it is one worker of `serve --workers`."""
     check_credentials(settings.upstream)
     app = web.Application(client_max_size=max(settings.tts.max_body_bytes, 1024**2))
     app[SETTINGS] = settings
+    if group is not None:
+        app[GROUP] = group
     app[IDENTITY] = IdentityResolver(settings.identity)
     app[ADMIN_GUARD] = AdminGuard(settings.admin, app[IDENTITY])
     app[STATS] = CacheStats()
@@ -97,9 +106,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
+    app.cleanup_ctx.append(_fleet)
     app.cleanup_ctx.append(_housekeeping)
     app.cleanup_ctx.append(_handlers)
     app.cleanup_ctx.append(_operator_view)
+    if group is not None:
+        # Last: a sibling finds this worker only once everything it may ask for is ready.
+        app.cleanup_ctx.append(_sibling_server)
     if settings.admin.token:  # no token, no pages (every one is a 404)
         setup_templates(app)
 
@@ -218,7 +231,7 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
         app[VOLUME] = volume
         cleanup = asyncio.create_task(volume.clean_leftovers())
     index = app.get(INDEX)
-    recorder = _recorder(settings, volume, index, app[LEGACY]) if index and volume else None
+    recorder = _after_volume_write(app, volume, index) if volume is not None else None
     app[CACHE] = TieredCache(
         memory,
         volume,
@@ -257,18 +270,48 @@ def _index_password(settings: IndexSettings) -> Password | None:
     return settings.password or None
 
 
-def _recorder(
-    settings: Settings, volume: DurableTier, index: PostgresIndex, legacy: LegacyMessages
+def _after_volume_write(
+    app: web.Application, volume: DurableTier, index: PostgresIndex | None
 ) -> Callable[[CacheKey, Entry], Awaitable[None]]:
-    """After a Volume write: the index row, and the legacy metadata where configured."""
+    """After a Volume write: the index row, the legacy metadata where configured, and a notice
+    to the other processes, which drop an older recording of the key they may hold."""
+    settings = get_state(app, SETTINGS)
 
     async def record(key: CacheKey, entry: Entry) -> None:
-        path = volume.location(key, entry.meta.content_type)
-        await index.record(key, entry.meta, path)
-        if settings.index.write_legacy_metadata:
-            await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
+        if index is not None:
+            path = volume.location(key, entry.meta.content_type)
+            await index.record(key, entry.meta, path)
+            if settings.index.write_legacy_metadata:
+                legacy = get_state(app, LEGACY)
+                await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
+        broadcast = app.get(BROADCAST)
+        if broadcast is not None:
+            broadcast.stored(key, entry.meta.body_sha256)
 
     return record
+
+
+async def _fleet(app: web.Application) -> AsyncIterator[None]:
+    """Invalidations to and from the other workers (their sockets) and replicas (PostgreSQL)."""
+    broadcast = app[BROADCAST] = await start_broadcast(
+        get_state(app, SETTINGS),
+        cache=get_state(app, CACHE),
+        flights=get_state(app, FLIGHTS),
+        group=app.get(GROUP),
+        index=app.get(INDEX),
+    )
+    yield
+    await broadcast.aclose()
+
+
+async def _sibling_server(app: web.Application) -> AsyncIterator[None]:
+    """This worker's socket in the group's folder: invalidations in, its numbers out."""
+    server = SiblingServer(get_state(app, GROUP))
+    get_state(app, BROADCAST).serve_on(server)
+    get_state(app, GROUP_VIEW).serve_on(server)
+    await server.start()
+    yield
+    await server.aclose()
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
@@ -307,6 +350,13 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         disk_guard=app[DISK_GUARD],
         janitor=app[JANITOR],
     )
+    broadcast = get_state(app, BROADCAST)
+    app[GROUP_VIEW] = GroupView(
+        Sampler(app[STATS], app[CACHE], app.get(INDEX), app[JANITOR], broadcast),
+        group=app.get(GROUP),
+        siblings=broadcast.siblings,
+        timeout_seconds=settings.fleet.confirm_timeout_seconds,
+    )
     app[ADMIN_API] = AdminApi(
         token=settings.admin.token,
         cache=app[CACHE],
@@ -317,6 +367,8 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         ownership=ownership,
         janitor=app[JANITOR],
         disk_guard=app[DISK_GUARD],
+        broadcast=broadcast,
+        view=app[GROUP_VIEW],
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield
@@ -328,8 +380,9 @@ async def _operator_view(app: web.Application) -> AsyncIterator[None]:
     api = get_state(app, ADMIN_API)
     history = History(app[STATS], janitor=app.get(JANITOR))
     app[HISTORY] = history
-    collector = ProxyCollector(app[STATS], api.cache, index=api.index, janitor=api.janitor)
-    app[METRICS] = Metrics(collector, api.snapshot)
+    view = get_state(app, GROUP_VIEW)
+    view.sampler.history = history
+    app[METRICS] = Metrics(view, api.snapshot)
     session = readiness_session()
     app[READINESS] = Readiness(
         upstream_url=settings.upstream.url,
