@@ -94,6 +94,7 @@ class ProcessSample:
         self.volume_call_wait_seconds += other.volume_call_wait_seconds
         for counter in _COUNTERS:
             getattr(self, counter).update(getattr(other, counter))
+        self.volume_calls.update(other.volume_calls)
         self.upstream_seconds.add(other.upstream_seconds)
         for outcome, histogram in other.request_seconds.items():
             self.request_seconds.setdefault(outcome, Histogram()).add(histogram)

@@ -268,6 +268,7 @@ async def test_two_replicas_on_postgres_a_purge_reaches_every_process_of_both(
     start_group: StartGroup,
     legacy_backend: FakeLegacyBackend,
     postgres_dsn: str,
+    tmp_path: Path,
 ) -> None:
     shared = {"index.dsn": postgres_dsn}
     first = await start_group(legacy_backend.url, workers=2, **shared)
@@ -282,6 +283,20 @@ async def test_two_replicas_on_postgres_a_purge_reaches_every_process_of_both(
     result = await purge_through(second, user=ALICE_USER)
     assert result["removed"] == 1 and result["index"] == 1
     assert result["processes"]["confirmed"] == 4 and result["processes"]["expected"] == 4
+    await served_nowhere([first, second])
+
+    # The command without the admin token: straight on the Volume and the index, then NOTIFY,
+    # which every process of both replicas hears and confirms.
+    await cached_everywhere([first, second])
+    direct = tmp_path / "direct.toml"
+    direct.write_text(
+        toml_for({"cache.volume.path": str(tmp_path / "volume"), "index.dsn": postgres_dsn})
+    )
+    code, out, err = await run_cli("purge", "--config", str(direct), "--user", ALICE_USER)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["via"] == "postgres" and answer["volume"] == 1 and answer["index"] == 1
+    assert answer["processes"]["confirmed"] == 4 and answer["processes"]["expected"] == 4
     await served_nowhere([first, second])
 
     # A process whose LISTEN session is cut drops its whole memory when it is back, and says so.
