@@ -4,7 +4,8 @@ LISTEN needs a session that stays open (a transaction-mode pooler would hand the
 another client), so the bus holds a connection outside the pool (`IndexPool`'s own connection,
 as the janitor's lock does) and reconnects with backoff when it is lost. Notifications sent while
 it was away are gone, so every reconnection is a gap the owner is told of (`on_gap`: drop the
-whole memory tier). NOTIFY goes through the pool (any connection may send one).
+whole memory tier). NOTIFY and the presence query go over the same session while it is up (one
+operation at a time), else through the pool: a pooled connection may have to be opened first.
 
 Every replica and worker of one deployment (one `index.schema`) listens on one channel; each
 also listens on a reply channel of its own, where the processes it told acknowledge. Which
@@ -21,10 +22,10 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from proxy.fleet.messages import BadMessage, Invalidation
-from proxy.index.pool import IndexPool, IndexUnavailable
+from proxy.index.pool import IndexPool, IndexUnavailable, Query
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ RETRY_MAX_SECONDS: Final = 5.0
 OnMessage = Callable[[Invalidation], Awaitable[None]]
 OnGap = Callable[[], Awaitable[Any]]
 OnAck = Callable[[str], None]
+T = TypeVar("T")
 
 
 def channel_tag(schema: str) -> str:
@@ -79,6 +81,9 @@ class PostgresBus:
         self._connected_once = asyncio.Event()
         self._missed_start = False
         self._task: asyncio.Task[None] | None = None
+        # The LISTEN session while it is up; one operation at a time on it.
+        self._session: Any = None
+        self._session_lock = asyncio.Lock()
 
     async def start(self, wait_seconds: float) -> bool:
         """Connect in the background; wait up to `wait_seconds` for the first LISTEN. A process
@@ -112,13 +117,7 @@ class PostgresBus:
 
     async def publish(self, message: Invalidation) -> bool:
         """NOTIFY every listening process; False when PostgreSQL did not take it."""
-        payload = message.payload()
-        try:
-            await self.pool.run("notify", lambda con: _notify(con, self.channel, payload))
-        except IndexUnavailable:
-            self.errors["notify"] += 1
-            return False
-        return True
+        return await self._notify(self.channel, message.payload())
 
     async def listeners(self) -> set[str] | None:
         """The processes listening on the channel now (from pg_stat_activity); None when
@@ -134,10 +133,33 @@ class PostgresBus:
             return rows
 
         try:
-            rows = await self.pool.run("presence", query)
+            rows = await self._on_session("presence", query)
         except IndexUnavailable:
             return None
         return {str(row[0]).rsplit(" ", 1)[-1] for row in rows}
+
+    async def _notify(self, channel: str, payload: str) -> bool:
+        async def send(con: Any) -> None:
+            await con.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+        try:
+            await self._on_session("notify", send)
+        except IndexUnavailable:
+            self.errors["notify"] += 1
+            return False
+        return True
+
+    async def _on_session(self, op: str, query: Query[T]) -> T:
+        """`query` on the LISTEN session while it is up (bounded), else through the pool."""
+        session = self._session
+        if session is not None:
+            try:
+                async with self._session_lock:
+                    return await asyncio.wait_for(query(session), self._heartbeat)
+            except Exception as exc:
+                self.errors[op] += 1
+                log.debug("%s on the invalidation session failed: %s", op, type(exc).__name__)
+        return await self.pool.run(op, query)
 
     async def _run(self) -> None:
         delay = self._retry_initial
@@ -157,6 +179,7 @@ class PostgresBus:
             if self.connected:
                 log.warning("invalidation channel lost; reconnecting")
             self.connected = False
+            self._session = None
             # Jitter keeps processes that lost the server together from retrying in lockstep.
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._retry_max)
@@ -166,6 +189,7 @@ class PostgresBus:
         if self._on_message is not None:
             await con.add_listener(self.channel, self._notified)
         await con.add_listener(self.reply, self._acked)
+        self._session = con
         self.connected = True
         self.connections += 1
         missed = self.connections > 1 or self._missed_start
@@ -187,7 +211,8 @@ class PostgresBus:
             except TimeoutError:
                 pass
             try:
-                await asyncio.wait_for(con.fetchval("SELECT 1"), self._heartbeat)
+                async with self._session_lock:
+                    await asyncio.wait_for(con.fetchval("SELECT 1"), self._heartbeat)
             except Exception:
                 return
 
@@ -217,9 +242,7 @@ class PostgresBus:
         await self._on_message(message)
         if message.reply:
             ack = json.dumps({"id": message.id, "process": self.process})
-            try:
-                await self.pool.run("notify", lambda con: _notify(con, message.reply, ack))
-            except IndexUnavailable:
+            if not await self._notify(message.reply, ack):
                 self.errors["ack"] += 1
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -233,7 +256,3 @@ class PostgresBus:
         task = asyncio.get_running_loop().create_task(guarded())
         self._work.add(task)
         task.add_done_callback(self._work.discard)
-
-
-async def _notify(con: Any, channel: str, payload: str) -> None:
-    await con.execute("SELECT pg_notify($1, $2)", channel, payload)
