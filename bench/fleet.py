@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ async def start(
     folder: Path, backend: str, workers: int, **settings: Any
 ) -> ProxyProcess:
     """A healthy `serve --workers N` (N = 1: one process) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     port = free_port()
     values = {
         "server.port": port,
