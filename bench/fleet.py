@@ -32,9 +32,7 @@ from tests.support import ALICE, SPEAK, TOKEN, speak_body
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def start(
-    folder: Path, backend: str, workers: int, **settings: Any
-) -> ProxyProcess:
+async def start(folder: Path, backend: str, workers: int, **settings: Any) -> ProxyProcess:
     """A healthy `serve --workers N` (N = 1: one process) in `folder`."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     port = free_port()
