@@ -23,7 +23,7 @@ from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
 from proxy.fleet.broadcast import Broadcast
 from proxy.fleet.group import SiblingServer, WorkerGroup
-from proxy.fleet.setup import start_broadcast
+from proxy.fleet.setup import group_view, start_broadcast
 from proxy.fleet.view import GroupView, Sampler
 from proxy.identity import IdentityResolver
 from proxy.index.entries import PostgresIndex
@@ -278,15 +278,15 @@ def _after_volume_write(
     settings = get_state(app, SETTINGS)
 
     async def record(key: CacheKey, entry: Entry) -> None:
+        broadcast = app.get(BROADCAST)
+        if broadcast is not None:  # first: an index that fails must not keep the notice back
+            broadcast.stored(key, entry.meta.body_sha256)
         if index is not None:
             path = volume.location(key, entry.meta.content_type)
             await index.record(key, entry.meta, path)
             if settings.index.write_legacy_metadata:
                 legacy = get_state(app, LEGACY)
                 await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
-        broadcast = app.get(BROADCAST)
-        if broadcast is not None:
-            broadcast.stored(key, entry.meta.body_sha256)
 
     return record
 
@@ -351,12 +351,8 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         janitor=app[JANITOR],
     )
     broadcast = get_state(app, BROADCAST)
-    app[GROUP_VIEW] = GroupView(
-        Sampler(app[STATS], app[CACHE], app.get(INDEX), app[JANITOR], broadcast),
-        group=app.get(GROUP),
-        siblings=broadcast.siblings,
-        timeout_seconds=settings.fleet.confirm_timeout_seconds,
-    )
+    sampler = Sampler(app[STATS], app[CACHE], app.get(INDEX), app[JANITOR], broadcast)
+    app[GROUP_VIEW] = group_view(settings, sampler, broadcast)
     app[ADMIN_API] = AdminApi(
         token=settings.admin.token,
         cache=app[CACHE],

@@ -9,6 +9,7 @@ from proxy.fleet.broadcast import Broadcast
 from proxy.fleet.group import Siblings, WorkerGroup, new_token, process_name
 from proxy.fleet.local import LocalInvalidations
 from proxy.fleet.postgres import PostgresBus
+from proxy.fleet.view import GroupView, Sampler
 from proxy.index.entries import PostgresIndex
 from proxy.settings import Settings
 from proxy.storage.tiered import TieredCache
@@ -45,4 +46,14 @@ async def start_broadcast(
         group=group,
         siblings=Siblings(group) if group is not None else None,
         bus=bus,
+    )
+
+
+def group_view(settings: Settings, sampler: Sampler, broadcast: Broadcast) -> GroupView:
+    """The numbers of this process's group (this process alone without one)."""
+    return GroupView(
+        sampler,
+        group=broadcast.group,
+        siblings=broadcast.siblings,
+        timeout_seconds=settings.fleet.confirm_timeout_seconds,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -262,6 +264,26 @@ async def test_scrapes_on_any_worker_sum_the_group_and_only_grow(
     assert sum(numbers["requests"]["hits"].values()) == hits
     # Each worker holds its own copy in memory: the group holds three.
     assert numbers["tiers"]["memory"]["entries"] == 3
+
+    # The workers' sockets live in one folder only this user may enter, gone once they stop.
+    folders = {Path(path).parent for worker in group.workers for path in unix_sockets(worker)}
+    assert len(folders) == 1
+    (folder,) = folders
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    group.proxy.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(group.proxy.process.wait(), timeout=15) == 0
+    assert not folder.exists()
+
+
+def unix_sockets(pid: int) -> list[str]:
+    """The paths of the Unix sockets `pid` listens on (from /proc/net/unix)."""
+    held = socket_inodes(pid)
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[6] in held:
+            paths.append(fields[7])
+    return paths
 
 
 async def test_two_replicas_on_postgres_a_purge_reaches_every_process_of_both(
