@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -142,13 +142,7 @@ class Broadcast:
                 expected = None
             else:
                 expected = myself | group_expected | listeners
-                while not expected <= confirmed and time.monotonic() < deadline:
-                    changed.clear()
-                    left = deadline - time.monotonic()
-                    try:
-                        await asyncio.wait_for(changed.wait(), max(left, 0.0))
-                    except TimeoutError:
-                        break
+                await _until(lambda: expected <= confirmed, changed, deadline)
         finally:
             if self.bus is not None:
                 self.bus.forget_acks(message.id)
@@ -243,3 +237,16 @@ class Broadcast:
         if message.origin != self.process:
             await self.local.apply(message)
         return web.json_response({"process": self.process})
+
+
+async def _until(done: Callable[[], bool], changed: asyncio.Event, deadline: float) -> None:
+    """Wait until `done()` (checked each time `changed` is set), or until `deadline`."""
+    while not done():
+        changed.clear()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            await asyncio.wait_for(changed.wait(), left)
+        except TimeoutError:
+            return
