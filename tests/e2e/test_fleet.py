@@ -225,6 +225,8 @@ async def test_three_workers_without_postgres_a_purge_reaches_every_worker(
     assert code == 1 and out == ""
     assert "could not reach" in err and "nothing was removed" in err
     assert (await group.speak()).headers["X-TTS-Cache"] == "hit"
+    stored = tmp_path / "volume" / "tts_audio" / ALICE_USER / "t-1" / "m-1" / "af_nicole.mp3"
+    assert stored.stat().st_size == 50_000
 
 
 async def test_scrapes_on_any_worker_sum_the_group_and_only_grow(
