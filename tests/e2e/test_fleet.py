@@ -188,6 +188,18 @@ async def test_three_workers_without_postgres_a_purge_reaches_every_worker(
     assert (await group.speak()).headers["X-TTS-Cache"] == "miss"
     old = await cached_everywhere([group])
 
+    # The message is edited: one worker records the new text; the others drop their old copy,
+    # so the audio URL serves the new recording whichever worker answers.
+    edited = await group.speak(text="Hello, edited")
+    assert edited.headers["X-TTS-Cache"] == "miss" and edited.body != old
+    fetch = lambda: group.ask("GET", AUDIO_URL, headers=ALICE)  # noqa: E731
+    for _ in range(50):  # the Volume write, 10 ms behind the answer, then the notice
+        bodies = {a.worker: a.body for a in await group.on_every_worker(fetch)}
+        if all(body == edited.body for body in bodies.values()):
+            break
+        await asyncio.sleep(0.1)
+    assert all(body == edited.body for body in bodies.values())
+
     # Through the admin API of whichever worker the connection reaches.
     result = await purge_through(group, user="alice@example.com")
     assert result["removed"] == 1 and result["volume"] == 1
