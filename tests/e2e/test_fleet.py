@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import stat
 import sys
@@ -278,6 +279,19 @@ async def test_scrapes_on_any_worker_sum_the_group_and_only_grow(
     assert sum(numbers["requests"]["hits"].values()) == hits
     # Each worker holds its own copy in memory: the group holds three.
     assert numbers["tiers"]["memory"]["entries"] == 3
+
+    # A purge from the dashboard says how many workers confirmed.
+    admin = f"{group.proxy.url}/_proxy/admin"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.post(f"{admin}/login", data={"token": TOKEN}) as page:
+            assert page.status == 200
+        async with browser.get(f"{admin}/purge", params={"user": ALICE_USER}) as page:
+            found = re.search(r'name="csrf" value="([0-9a-f]+)"', await page.text())
+        assert found is not None
+        form = {"user": ALICE_USER, "csrf": found.group(1)}
+        async with browser.post(f"{admin}/purge", data=form) as page:
+            text = await page.text()
+    assert "Purged: 1 entry removed; 3 of 3 processes confirmed." in text
 
     # The workers' sockets live in one folder only this user may enter, gone once they stop.
     folders = {Path(path).parent for worker in group.workers for path in unix_sockets(worker)}
