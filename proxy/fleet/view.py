@@ -111,11 +111,6 @@ class GroupSample:
     expected: int
     missing: list[int] = field(default_factory=list)
 
-    @property
-    def complete(self) -> bool:
-        """True when every worker of the group is in the sum."""
-        return not self.missing and self.sample.processes >= self.expected
-
     def describe(self) -> dict[str, Any]:
         """For the admin stats: how many processes the numbers cover."""
         return {"sampled": self.sample.processes, "expected": self.expected}
