@@ -47,11 +47,6 @@ class Confirmation:
     unconfirmed: tuple[str, ...] = ()
     note: str = ""
 
-    @property
-    def complete(self) -> bool:
-        """True when every expected process confirmed."""
-        return self.expected is not None and self.confirmed >= self.expected
-
     def to_json(self) -> dict[str, Any]:
         """The purge answer's `processes`."""
         data: dict[str, Any] = {
