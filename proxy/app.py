@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
 from aiohttp import web
@@ -21,6 +21,10 @@ from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
 from proxy.fill import Flights
+from proxy.fleet.broadcast import Broadcast
+from proxy.fleet.group import SiblingServer, WorkerGroup
+from proxy.fleet.setup import group_view, start_broadcast
+from proxy.fleet.view import GroupView, Sampler
 from proxy.identity import IdentityResolver
 from proxy.index.backfill import IndexBackfill
 from proxy.index.coverage import VolumeCoverage
@@ -32,7 +36,7 @@ from proxy.index.recorder import EntryRecorder
 from proxy.index.rotating_password import RotatingPassword
 from proxy.janitor import Janitor
 from proxy.limits import ClientLimit, SlottedUpstream, UpstreamSlots
-from proxy.metrics import Metrics, ProxyCollector
+from proxy.metrics import Metrics
 from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission
 from proxy.readiness import Readiness, readiness_session
@@ -41,8 +45,10 @@ from proxy.routes.audio import AUDIO_ROUTE, AudioUrl
 from proxy.routes.passthrough import Passthrough, PassthroughLimits
 from proxy.routes.responses import json_error
 from proxy.routes.speak import SpeakHandler
+from proxy.speak import CacheKey
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
+from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
@@ -77,6 +83,9 @@ CLIENT_LIMIT: Final = web.AppKey("client_limit", ClientLimit)
 RECORDER: Final = web.AppKey("recorder", EntryRecorder)
 INDEX_LOOKUP: Final = web.AppKey("index_lookup", IndexLookup)
 BACKFILL: Final = web.AppKey("backfill", IndexBackfill)
+GROUP: Final = web.AppKey("group", WorkerGroup)
+BROADCAST: Final = web.AppKey("broadcast", Broadcast)
+GROUP_VIEW: Final = web.AppKey("group_view", GroupView)
 
 T = TypeVar("T")
 
@@ -99,11 +108,13 @@ def runner_shutdown_timeout(drain_seconds: float) -> float:
     return drain_seconds / 2
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The proxy application for `settings`."""
+def create_app(settings: Settings, *, group: WorkerGroup | None = None) -> web.Application:
+    """The proxy application for `settings`; `group` when it is one worker of `serve --workers`."""
     check_credentials(settings.upstream)
     app = web.Application(client_max_size=max(settings.tts.max_body_bytes, 1024**2))
     app[SETTINGS] = settings
+    if group is not None:
+        app[GROUP] = group
     app[IDENTITY] = IdentityResolver(settings.identity)
     app[ADMIN_GUARD] = AdminGuard(settings.admin, app[IDENTITY])
     app[STATS] = CacheStats()
@@ -114,9 +125,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_postgres_index)
     app.cleanup_ctx.append(_cache_tiers)
+    app.cleanup_ctx.append(_fleet)
     app.cleanup_ctx.append(_housekeeping)
     app.cleanup_ctx.append(_handlers)
     app.cleanup_ctx.append(_operator_view)
+    if group is not None:
+        # Last: a sibling finds this worker only once everything it may ask for is ready.
+        app.cleanup_ctx.append(_sibling_server)
     if settings.admin.token:  # no token, no pages (every one is a 404)
         setup_templates(app)
 
@@ -240,12 +255,13 @@ async def _cache_tiers(app: web.Application) -> AsyncIterator[None]:
     if index is not None and volume is not None:
         recorder = app[RECORDER] = _recorder(app, settings, volume, index)
         recorder.start()
+    after_write = _after_volume_write(app, recorder) if volume is not None else None
     app[CACHE] = TieredCache(
         memory,
         volume,
         timeout_seconds=backstop_seconds(cache_settings.volume),
         logger=log,
-        after_volume_write=recorder,
+        after_volume_write=after_write,
         write_delay_seconds=WRITE_DELAY_SECONDS,
     )
     yield
@@ -301,6 +317,45 @@ def _recorder(
     return recorder
 
 
+def _after_volume_write(
+    app: web.Application, recorder: EntryRecorder | None
+) -> Callable[[CacheKey, Entry], Awaitable[None]]:
+    """After a Volume write: a notice to the other processes, which drop an older recording of
+    the key they may hold, then the index row (`EntryRecorder`)."""
+
+    async def record(key: CacheKey, entry: Entry) -> None:
+        broadcast = app.get(BROADCAST)
+        if broadcast is not None:  # first: an index that fails must not keep the notice back
+            broadcast.stored(key, entry.meta.body_sha256)
+        if recorder is not None:
+            await recorder(key, entry)
+
+    return record
+
+
+async def _fleet(app: web.Application) -> AsyncIterator[None]:
+    """Invalidations to and from the other workers (their sockets) and replicas (PostgreSQL)."""
+    broadcast = app[BROADCAST] = await start_broadcast(
+        get_state(app, SETTINGS),
+        cache=get_state(app, CACHE),
+        flights=get_state(app, FLIGHTS),
+        group=app.get(GROUP),
+        index=app.get(INDEX),
+    )
+    yield
+    await broadcast.aclose()
+
+
+async def _sibling_server(app: web.Application) -> AsyncIterator[None]:
+    """This worker's socket in the group's folder: invalidations in, its numbers out."""
+    server = SiblingServer(get_state(app, GROUP))
+    get_state(app, BROADCAST).serve_on(server)
+    get_state(app, GROUP_VIEW).serve_on(server)
+    await server.start()
+    yield
+    await server.aclose()
+
+
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     settings = get_state(app, SETTINGS)
     guard = DiskGuard.from_settings(settings.cache.volume)
@@ -345,6 +400,9 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         janitor=app[JANITOR],
     )
     app[ENTRY_BROWSER] = EntryBrowser(app[CACHE], app.get(INDEX))
+    broadcast = get_state(app, BROADCAST)
+    sampler = Sampler(app[STATS], app[CACHE], app.get(INDEX), app[JANITOR], broadcast)
+    app[GROUP_VIEW] = group_view(settings, sampler, broadcast)
     app[ADMIN_API] = AdminApi(
         token=settings.admin.token,
         cache=app[CACHE],
@@ -356,6 +414,8 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         janitor=app[JANITOR],
         disk_guard=app[DISK_GUARD],
         volume_totals=app[ENTRY_BROWSER].volume_totals,
+        broadcast=broadcast,
+        view=app[GROUP_VIEW],
     )
     app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
     yield
@@ -367,8 +427,9 @@ async def _operator_view(app: web.Application) -> AsyncIterator[None]:
     api = get_state(app, ADMIN_API)
     history = History(app[STATS], janitor=app.get(JANITOR))
     app[HISTORY] = history
-    collector = ProxyCollector(app[STATS], api.cache, index=api.index, janitor=api.janitor)
-    app[METRICS] = Metrics(collector, api.snapshot)
+    view = get_state(app, GROUP_VIEW)
+    view.sampler.history = history
+    app[METRICS] = Metrics(view, api.snapshot)
     session = readiness_session()
     app[READINESS] = Readiness(
         upstream_url=settings.upstream.url,

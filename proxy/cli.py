@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import wait as wait_for_exit
 from multiprocessing.context import ForkProcess
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -31,6 +31,9 @@ from proxy.supervisor import (
     for_workers,
     loopback_port,
 )
+
+if TYPE_CHECKING:
+    from proxy.fleet.group import WorkerGroup
 
 EXIT_CONFIG = 2
 EXIT_WORKER_FAILED = 1
@@ -108,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--message")
     purge.add_argument("--voice")
     purge.add_argument("--all", action="store_true", help="everything in the cache")
+    purge.add_argument(
+        "--url", help="the running proxy's base URL (default: server.host and server.port)"
+    )
     return parser
 
 
@@ -127,9 +133,12 @@ def _purge(args: argparse.Namespace) -> int:
     except BadScope as exc:
         print(f"purge: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    result = asyncio.run(run_purge(settings, scope))
-    print(json.dumps(result))
-    return 0
+    outcome = asyncio.run(run_purge(settings, scope, args.url))
+    if outcome.answer is not None:
+        print(json.dumps(outcome.answer))
+    if outcome.message:
+        print(outcome.message, file=sys.stderr)
+    return outcome.code
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +220,7 @@ def _serve_workers(settings: Settings, count: int) -> int:
     # stop the group here, as one line, not as N workers failing one after the other.
     check_free(settings.server.host, settings.server.port, *SERVE_PORT, reuse_port=True)
     from proxy.app import create_app
+    from proxy.fleet.group import WorkerGroup
     from proxy.heap import single_arena
 
     backend_port = loopback_port() if settings.upstream.command else 0
@@ -218,6 +228,8 @@ def _serve_workers(settings: Settings, count: int) -> int:
         settings = for_workers(settings, backend_port)
     single_arena()  # before the fork: every worker inherits it
     create_app(settings)  # a configuration the app refuses stops here, with exit code 2
+    # The workers' private folder: their sockets, to reach one another (proxy/fleet/group.py).
+    group = WorkerGroup.create(count)
     context = multiprocessing.get_context("fork")
     parent = os.getpid()
     workers: list[ForkProcess] = []
@@ -251,7 +263,7 @@ def _serve_workers(settings: Settings, count: int) -> int:
         for index in range(count):
             worker = context.Process(
                 target=_worker_main,
-                args=(settings, parent),
+                args=(settings, parent, group),
                 name=f"tts-cache-proxy-worker-{index}",
             )
             # Blocked across the fork: the worker takes pending signals once its loop handles them.
@@ -280,6 +292,7 @@ def _serve_workers(settings: Settings, count: int) -> int:
         if backend is not None:
             left = min(stop_by[0], time.monotonic() + settings.upstream.stop_seconds)
             backend.stop(received[0] if received else signal.SIGTERM, left - time.monotonic())
+        group.remove()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -336,7 +349,7 @@ def _signal_workers(workers: Sequence[ForkProcess], signum: int) -> None:
             pass
 
 
-def _worker_main(settings: Settings, parent: int) -> None:
+def _worker_main(settings: Settings, parent: int, group: WorkerGroup) -> None:
     """One worker: the single-process server, on a port it shares with its siblings."""
     from proxy.access_log import access_log_options
     from proxy.app import create_app, runner_shutdown_timeout
@@ -357,7 +370,7 @@ def _worker_main(settings: Settings, parent: int) -> None:
         loop.add_signal_handler(signum, stop_once)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     web.run_app(
-        create_app(settings),
+        create_app(settings, group=group),
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=runner_shutdown_timeout(settings.server.shutdown_timeout_seconds),

@@ -20,6 +20,7 @@ from proxy.settings import (
     AdminSettings,
     CacheSettings,
     ConfigError,
+    FleetSettings,
     IdentitySettings,
     IndexSettings,
     MemorySettings,
@@ -34,6 +35,7 @@ __all__ = [
     "AdminSettings",
     "CacheSettings",
     "ConfigError",
+    "FleetSettings",
     "IdentitySettings",
     "IndexSettings",
     "MemorySettings",
@@ -274,6 +276,7 @@ def _validate(settings: Settings) -> None:
         "cache.janitor_interval_seconds": cache.janitor_interval_seconds,
         "cache.janitor_batch_size": cache.janitor_batch_size,
         "index.pool_max_size": settings.index.pool_max_size,
+        "fleet.confirm_timeout_seconds": settings.fleet.confirm_timeout_seconds,
     }
     for key, number in positive.items():
         if number <= 0:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.fill import Flights
+from proxy.fleet.broadcast import Broadcast, Confirmation
 from proxy.index.entries import PostgresIndex
 from proxy.index.pool import IndexUnavailable
 from proxy.ownership import OwnershipCheck
@@ -25,21 +27,26 @@ class PurgeResult:
     volume: int
     index: int
     fills_cancelled: int
+    # Who else dropped it: the other workers and replicas (None: nothing to tell anyone).
+    processes: Confirmation | None = None
 
     @property
     def removed(self) -> int:
         """Entries removed (each stored entry lives in memory, the Volume and the index)."""
         return max(self.memory, self.volume, self.index)
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, Any]:
         """The admin API's answer."""
-        return {
+        answer: dict[str, Any] = {
             "removed": self.removed,
             "memory": self.memory,
             "volume": self.volume,
             "index": self.index,
             "fills_cancelled": self.fills_cancelled,
         }
+        if self.processes is not None:
+            answer["processes"] = self.processes.to_json()
+        return answer
 
 
 async def purge(
@@ -49,15 +56,21 @@ async def purge(
     flights: Flights | None,
     index: PostgresIndex | None,
     ownership: OwnershipCheck | None = None,
+    broadcast: Broadcast | None = None,
 ) -> PurgeResult:
-    """Remove everything inside `scope`; a fill in flight for it is served but not stored."""
+    """Remove everything inside `scope`; a fill in flight for it is served but not stored.
+
+    This process first, then the Volume and the index, then every other process (`broadcast`):
+    told after the Volume is clear, another process cannot read the entry back into memory.
+    """
     cancelled = flights.cancel_store(scope.covers) if flights is not None else 0
-    memory = await cache.purge_where(scope.covers)
+    memory = (await cache.purge_where(scope.covers)).memory
     volume = await _purge_volume(scope, cache)
     removed_rows = await _purge_index(scope, index)
     if ownership is not None and scope.user is not None:
         ownership.forget(scope.user)
-    result = PurgeResult(memory, volume, removed_rows, cancelled)
+    processes = await broadcast.invalidate(scope) if broadcast is not None else None
+    result = PurgeResult(memory, volume, removed_rows, cancelled, processes)
     log.info("purge removed %s", result.to_json())
     return result
 

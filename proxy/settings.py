@@ -161,6 +161,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """What crosses processes: the workers of one `serve` and the replicas on one index."""
+
+    # How long a purge waits for the other processes to confirm they dropped it.
+    confirm_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the proxy."""
 
@@ -171,3 +179,4 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)

@@ -13,11 +13,13 @@ from aiohttp import web
 from proxy.admin.auth import refuse
 from proxy.admin.guard import AdminGuard
 from proxy.fill import Flights
+from proxy.fleet.broadcast import Broadcast
+from proxy.fleet.view import GroupSample, GroupView, Sampler
 from proxy.index.entries import PostgresIndex
 from proxy.index.pool import IndexUnavailable
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.purge import purge
+from proxy.purge import PurgeResult, purge
 from proxy.routes.responses import json_error
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
@@ -44,6 +46,9 @@ class AdminApi:
     disk_guard: DiskGuard | None = None
     # (entries, bytes) from a brief-cached Volume scan, for when no index knows them.
     volume_totals: Callable[[], Awaitable[tuple[int, int] | None]] | None = None
+    # The other workers and replicas: told of purges, and summed into the statistics.
+    broadcast: Broadcast | None = None
+    view: GroupView | None = None
 
     async def purge_entries(self, request: web.Request) -> web.Response:
         """DELETE /_proxy/admin/api/entries?user=&thread=&message=&voice= (or all=true)."""
@@ -60,14 +65,19 @@ class AdminApi:
             )
         except BadScope as exc:
             return json_error(400, str(exc))
-        result = await purge(
+        result = await self.purge(scope)
+        return web.json_response(result.to_json())
+
+    async def purge(self, scope: Scope) -> PurgeResult:
+        """Remove `scope` here, from the Volume and the index, and from every other process."""
+        return await purge(
             scope,
             cache=self.cache,
             flights=self.flights,
             index=self.index,
             ownership=self.ownership,
+            broadcast=self.broadcast,
         )
-        return web.json_response(result.to_json())
 
     async def read_stats(self, request: web.Request) -> web.Response:
         """GET /_proxy/admin/api/stats: entries and bytes per tier, outcomes, top users."""
@@ -75,14 +85,19 @@ class AdminApi:
             return refused
         return web.json_response(await self.snapshot())
 
-    async def snapshot(self) -> dict[str, Any]:
-        """The statistics as JSON-ready data (also what the dashboard shows)."""
-        memory = self.cache.memory
+    async def group_sample(self, *, detail: bool = False) -> GroupSample:
+        """The counters of every worker of this `serve` (this process alone without workers)."""
+        view = self.view or GroupView(Sampler(self.stats, self.cache, self.index, self.janitor))
+        return await view.sample(detail=detail)
+
+    async def snapshot(self, group: GroupSample | None = None) -> dict[str, Any]:
+        """The statistics as JSON-ready data (also what the dashboard shows): counters and
+        memory summed over the workers, the Volume (shared) read once."""
+        if group is None:
+            group = await self.group_sample()
+        sample = group.sample
         tiers: dict[str, Any] = {
-            "memory": {
-                "entries": memory.entry_count if memory else 0,
-                "bytes": memory.current_bytes if memory else 0,
-            }
+            "memory": {"entries": sample.memory_entries, "bytes": sample.memory_bytes}
         }
         top_users: list[dict[str, Any]] = []
         if self.index is not None:
@@ -114,22 +129,18 @@ class AdminApi:
             if totals is not None:
                 entries, size = totals
                 tiers["volume"] = {"entries": entries, "bytes": size, "source": "scan"}
-        stats = self.stats
-        errors = {**dict(self.cache.errors), **dict(stats.errors)}
-        volume = self.cache.volume
-        if volume is not None and volume.corrupt_entries:
-            errors["volume_corrupt"] = volume.corrupt_entries
         return {
+            "processes": group.describe(),
             "tiers": tiers,
             "requests": {
-                "hits": dict(stats.hits),
-                "misses": stats.misses,
-                "coalesced": stats.coalesced,
-                "disabled": stats.disabled,
-                "stored": stats.stored,
-                "upstream_calls": stats.upstream_calls,
+                "hits": dict(sample.hits),
+                "misses": sample.misses,
+                "coalesced": sample.coalesced,
+                "disabled": sample.disabled,
+                "stored": sample.stored,
+                "upstream_calls": sample.upstream_calls,
             },
-            "errors": errors,
+            "errors": {kind: n for kind, n in sample.errors.items() if n},
             "top_users": top_users,
             "janitor": self._janitor_json(),
             "disk": None

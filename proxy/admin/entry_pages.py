@@ -12,7 +12,6 @@ from aiohttp import web
 from proxy.admin.api import AdminApi
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.pages import ADMIN, SECURITY_HEADERS, AdminPages, see_other
-from proxy.purge import purge
 from proxy.routes.audio import serve_entry
 from proxy.speak import CacheKey
 from proxy.storage.scope import BadScope, Scope
@@ -54,6 +53,8 @@ class EntryPages:
         page = max(int(page_text) - 1, 0) if page_text.isdigit() and len(page_text) < 7 else 0
         found = await self.browser.page(wanted, page)
         removed = request.query.get("removed", "")
+        confirmed = request.query.get("confirmed", "")
+        expected = request.query.get("expected", "")
         context = {
             "page": "entries",
             "filter": wanted,
@@ -62,6 +63,11 @@ class EntryPages:
             "purge_url": purge_url,
             "scope_of": _scope_of,
             "removed": int(removed) if removed.isdigit() and len(removed) < 10 else None,
+            # How many processes confirmed the purge, of how many ("?" when unknown).
+            "confirmed": int(confirmed) if confirmed.isdigit() and len(confirmed) < 6 else None,
+            "expected": expected
+            if expected == "?" or (expected.isdigit() and len(expected) < 6)
+            else None,
             "purge_user": purge_url(Scope(wanted.user)) if wanted.user else None,
             "purge_thread": (
                 purge_url(Scope(wanted.user, wanted.thread_id))
@@ -103,13 +109,16 @@ class EntryPages:
         session = self.pages.guard(request)
         form = await self.pages.form(request, session)
         scope = self._scope(form)
-        api = self.api
-        result = await purge(
-            scope, cache=api.cache, flights=api.flights, index=api.index, ownership=api.ownership
-        )
+        result = await self.api.purge(scope)
         self.browser.forget_scan()
         back = {"user": scope.user} if scope.thread_id is not None and scope.user else {}
-        query = urlencode({**back, "removed": result.removed})
+        told: dict[str, int | str] = {}
+        processes = result.processes
+        if processes is not None and processes.expected != 1:
+            # Other workers or replicas: say how many confirmed ("?" when unknown).
+            expected = "?" if processes.expected is None else processes.expected
+            told = {"confirmed": processes.confirmed, "expected": expected}
+        query = urlencode({**back, "removed": result.removed, **told})
         return see_other(f"{ADMIN}/entries?{query}")
 
     async def audio(self, request: web.Request) -> web.StreamResponse:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 from proxy.janitor import Janitor
@@ -96,11 +96,9 @@ class History:
 
     def requests_per_second(self, window_seconds: float = 300.0) -> float:
         """Speak requests per second over the last `window_seconds` (or since start)."""
-        now = self.clock()
-        first_minute = int((now - window_seconds) // 60)
-        count = sum(b.requests for b in self._buckets if b.minute > first_minute)
-        covered = min(window_seconds, max(now - self.started, 1.0))
-        return count / covered
+        return requests_per_second(
+            self._buckets, now=self.clock(), started=self.started, window_seconds=window_seconds
+        )
 
     async def run(self, interval: float = SAMPLE_SECONDS) -> None:
         """Sample every `interval` seconds until cancelled."""
@@ -110,6 +108,16 @@ class History:
                 self.sample()
             except Exception as exc:
                 log.warning("history sample failed: %s", type(exc).__name__)
+
+
+def requests_per_second(
+    minutes: Iterable[Minute], *, now: float, started: float, window_seconds: float = 300.0
+) -> float:
+    """Speak requests per second over the last `window_seconds` of `minutes` (or since start)."""
+    first_minute = int((now - window_seconds) // 60)
+    count = sum(b.requests for b in minutes if b.minute > first_minute)
+    covered = min(window_seconds, max(now - started, 1.0))
+    return count / covered
 
 
 def tally_evictions(stats: CacheStats, janitor: Janitor) -> None:

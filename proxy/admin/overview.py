@@ -6,8 +6,7 @@ from typing import Any
 
 from proxy.admin.api import AdminApi
 from proxy.admin.chart import HEIGHT, WIDTH, hit_ratio_bars
-from proxy.admin.history import History
-from proxy.metrics import error_counts
+from proxy.admin.history import History, requests_per_second
 
 
 def ratio(part: int, whole: int) -> float | None:
@@ -16,33 +15,35 @@ def ratio(part: int, whole: int) -> float | None:
 
 
 async def overview(api: AdminApi, history: History) -> dict[str, Any]:
-    """Everything the overview shows, read now."""
+    """Everything the overview shows, read now: with workers, the whole group's numbers."""
     history.sample()
-    snapshot = await api.snapshot()
-    stats = api.stats
-    memory_hits, volume_hits = stats.hits["memory"], stats.hits["volume"]
+    group = await api.group_sample(detail=True)
+    sample = group.sample
+    snapshot = await api.snapshot(group)
+    memory_hits, volume_hits = sample.hits["memory"], sample.hits["volume"]
     hits = memory_hits + volume_hits
-    misses = stats.misses + stats.coalesced
-    hour = history.last_hour()
+    misses = sample.misses + sample.coalesced
+    hour = sample.minutes or history.last_hour()
     hour_hits = sum(m.memory_hits + m.volume_hits for m in hour)
     hour_cacheable = sum(m.cacheable for m in hour)
-    latency = stats.upstream_seconds
+    latency = sample.upstream_seconds
     return {
         "requests": {
             "memory_hits": memory_hits,
             "volume_hits": volume_hits,
             "hits": hits,
             "misses": misses,
-            "coalesced": stats.coalesced,
-            "disabled": stats.disabled,
-            "upstream_calls": stats.upstream_calls,
-            "stored": stats.stored,
+            "coalesced": sample.coalesced,
+            "disabled": sample.disabled,
+            "upstream_calls": sample.upstream_calls,
+            "stored": sample.stored,
             # Every hit and every joined miss is a synthesis the upstream did not do.
-            "saved": hits + stats.coalesced,
+            "saved": hits + sample.coalesced,
         },
+        "processes": group.describe(),
         "hit_ratio": ratio(hits, hits + misses),
         "hour_hit_ratio": ratio(hour_hits, hour_cacheable),
-        "rps": history.requests_per_second(),
+        "rps": requests_per_second(hour, now=history.clock(), started=history.started),
         "tiers": snapshot["tiers"],
         "top_users": snapshot["top_users"][:5],
         "latency": {
@@ -50,11 +51,11 @@ async def overview(api: AdminApi, history: History) -> dict[str, Any]:
             "p99": latency.percentile(0.99),
             "count": latency.count,
         },
-        "errors": error_counts(stats, api.cache, api.index),
+        "errors": dict(sorted(sample.errors.items())),
         "health": health(api),
         "janitor": snapshot["janitor"],
         "disk": snapshot["disk"],
-        "evictions": dict(stats.evictions),
+        "evictions": dict(sample.evictions),
         "chart": {"bars": hit_ratio_bars(hour), "width": WIDTH, "height": HEIGHT},
     }
 

@@ -13,10 +13,11 @@ transactions is recognised by the error it causes, and the statement cache is tu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 from proxy.config import ConfigError, IndexSettings
@@ -196,6 +197,38 @@ class IndexPool:
             elif not await self._lost_statement(exc):
                 log.warning("index %s failed%s: %s", op, where, _describe(exc))
             raise IndexUnavailable(f"index {op}: {type(exc).__name__}") from exc
+
+    @contextlib.asynccontextmanager
+    async def session_connection(self) -> AsyncIterator[Any]:
+        """A connection of its own, outside the pool, for what needs one server session (LISTEN).
+
+        Outside the pool so that a session held for the process's life takes no slot from the
+        request path; opened with the pool's options (the rotating password included). Closed
+        on exit; IndexUnavailable when it cannot be opened.
+        """
+        import asyncpg
+
+        if self._closed or not self.available:
+            self.errors["session"] += 1
+            raise IndexUnavailable("index session: unavailable")
+        try:
+            con = await self._bounded(
+                asyncpg.connect(self._dsn, **self._connect_options()), self._timeout
+            )
+        except Exception as exc:
+            self.errors["session"] += 1
+            log.warning("index session connection failed: %s", _describe(exc))
+            raise IndexUnavailable(f"index session: {type(exc).__name__}") from exc
+        try:
+            yield con
+        finally:
+            try:
+                await asyncio.wait_for(con.close(), self._timeout)
+            except asyncio.CancelledError:
+                con.terminate()
+                raise
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                con.terminate()
 
     def _connect_options(self) -> dict[str, Any]:
         return {

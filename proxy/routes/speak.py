@@ -175,7 +175,7 @@ class SpeakHandler:
             lookup = self.index_lookup
             if lookup is None or await lookup.may_be_stored(key, text_sha, speak.provider):
                 found = await self.cache.open_volume(key)
-                served = await self._volume_hit(request, key, parsed, found)
+                served = await self._volume_hit(request, key, parsed, found, mark)
                 if served is not None:
                     return served
             fill = self.flights.joinable(flight)  # one may have started during the lookup
@@ -232,6 +232,7 @@ class SpeakHandler:
         key: CacheKey,
         parsed: ParsedSpeak,
         found: Entry | EntryStream | None,
+        mark: int,
     ) -> web.StreamResponse | None:
         """The Volume's answer served when it matches the request; None to go on to a fill."""
         if isinstance(found, Entry):
@@ -241,7 +242,7 @@ class SpeakHandler:
                 return self._replay(request, key, found, "volume")
         elif found is not None:
             if parsed.matches(found.meta):
-                return await self._stream_hit(request, key, found)
+                return await self._stream_hit(request, key, found, mark)
             await found.aclose()
         return None
 
@@ -255,12 +256,14 @@ class SpeakHandler:
                 return None
             await self._note_hit(key, "memory")
             return self._replay(request, key, entry, "memory")
-        return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key))
+        mark = self.cache.put_mark()
+        return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key), mark)
 
     async def _stream_hit(
-        self, request: web.Request, key: CacheKey, stream: EntryStream
+        self, request: web.Request, key: CacheKey, stream: EntryStream, mark: int
     ) -> web.StreamResponse:
-        """A Volume hit sent as it is read; copied into memory once it ended intact."""
+        """A Volume hit sent as it is read; copied into memory once it ended intact, unless a
+        purge covered the key since the lookup began (`mark`)."""
         await self._note_hit(key, "volume")
         meta = stream.meta
         headers = hit_headers(key, meta, "volume")
@@ -288,7 +291,7 @@ class SpeakHandler:
         finally:
             await stream.aclose()
         await response.write_eof()
-        self.cache.promote(key, Entry(meta, b"".join(parts)))
+        self.cache.promote(key, Entry(meta, b"".join(parts)), since=mark)
         log.debug("hit %s streamed from the volume", key.digest())
         return response
 

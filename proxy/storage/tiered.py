@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
@@ -18,7 +18,18 @@ T = TypeVar("T")
 WRITE_DELAY_SECONDS = 0.01
 # How many keys' latest put the cache remembers for put_since (older marks answer True).
 RECENT_PUTS: Final = 4_096
+# How many invalidations the cache remembers for promote(since=...): an older mark promotes nothing.
+RECENT_INVALIDATIONS: Final = 256
 AfterVolumeWrite = Callable[[CacheKey, Entry], Awaitable[None]]
+Covers = Callable[[CacheKey], bool]
+
+
+class Purged(NamedTuple):
+    """What purge_where dropped: memory entries, and the keys whose Volume write it waited for."""
+
+    memory: int
+    # Those writes may have landed after another process removed the key from the Volume.
+    written: tuple[CacheKey, ...]
 
 
 class TieredCache:
@@ -65,10 +76,14 @@ class TieredCache:
         # the key a second time. Both are bounded by max_pending_bytes.
         self._queued: dict[CacheKey, Entry] = {}
         self._writing: dict[CacheKey, Entry] = {}
-        # The order of puts, for put_since: a lookup that started before a put cannot have seen it.
-        self._puts = 0
+        # One sequence orders puts and invalidations: a lookup that started before a put cannot
+        # have seen it (put_since), and what it read before an invalidation covering its key
+        # must not enter memory after it (promote's `since`).
+        self._seq = 0
         self._put_at: OrderedDict[CacheKey, int] = OrderedDict()
         self._forgotten_before = 0
+        self._invalidated: deque[tuple[int, Covers]] = deque()
+        self._invalidations_forgotten_before = 0
 
     @property
     def pending_writes(self) -> int:
@@ -103,8 +118,8 @@ class TieredCache:
         return pending if pending is not None else self._writing.get(key)
 
     def put_mark(self) -> int:
-        """A point in the order of puts, to hand to put_since after a lookup."""
-        return self._puts
+        """A point in the order of puts and invalidations, for put_since and promote's `since`."""
+        return self._seq
 
     def put_since(self, key: CacheKey, mark: int) -> bool:
         """True when `key` was put after `mark` (or may have been: too many puts to remember)."""
@@ -124,9 +139,10 @@ class TieredCache:
         entry = self._volume_nowait(volume, key)
         if entry is not None:
             return entry
+        mark = self._seq
         found = await self._call(volume.name, "open", key, lambda: volume.open(key))
         if isinstance(found, Entry):
-            self.promote(key, found)
+            self.promote(key, found, since=mark)
         return found
 
     async def _read_volume(self, key: CacheKey) -> Entry | None:
@@ -137,9 +153,10 @@ class TieredCache:
         entry = self._volume_nowait(volume, key)
         if entry is not None:
             return entry
+        mark = self._seq
         entry = await self._call(volume.name, "get", key, lambda: volume.get(key))
         if entry is not None:
-            self.promote(key, entry)
+            self.promote(key, entry, since=mark)
         return entry
 
     def _volume_nowait(self, volume: DurableTier, key: CacheKey) -> Entry | None:
@@ -153,10 +170,37 @@ class TieredCache:
             self.promote(key, entry)
         return entry
 
-    def promote(self, key: CacheKey, entry: Entry) -> None:
-        """Copy an entry read from the Volume into memory, unless a newer write is pending."""
-        if key not in self._writers:
-            self._memory_put(key, entry)
+    def promote(self, key: CacheKey, entry: Entry, *, since: int | None = None) -> None:
+        """Copy an entry read from the Volume into memory, unless a newer write is pending or
+        (given the put_mark taken before the read) an invalidation covered the key meanwhile:
+        the read may predate a purge, and memory must not keep what the purge removed."""
+        if key in self._writers:
+            return
+        if since is not None and self.invalidated_since(key, since):
+            return
+        self._memory_put(key, entry)
+
+    def invalidated_since(self, key: CacheKey, mark: int) -> bool:
+        """True when an invalidation covering `key` came after `mark` (or may have)."""
+        log = self._invalidated
+        if not log or log[-1][0] <= mark:
+            return False
+        if mark < self._invalidations_forgotten_before:
+            return True
+        return any(seq > mark and covers(key) for seq, covers in log)
+
+    def invalidate_key(self, key: CacheKey, keep_body_sha256: str | None = None) -> bool:
+        """Drop this process's memory copy of `key` unless it is the recording named (another
+        process stored a new one); no Volume call. True when a copy went."""
+        self._note_invalidation(key.__eq__)
+        memory = self.memory
+        if memory is None:
+            return False
+        held = memory.get_nowait(key)
+        if held is None or held.meta.body_sha256 == keep_body_sha256:
+            return False
+        memory.delete_nowait(key)
+        return True
 
     def count_error(self, tier: str, op: str, key: CacheKey, exc: Exception) -> None:
         """Count and log a tier failure noticed by a caller (a stream that broke mid-body)."""
@@ -204,24 +248,24 @@ class TieredCache:
         if volume is not None:
             await self._call(volume.name, "delete", key, lambda: volume.delete(key))
 
-    async def purge_where(self, covers: Callable[[CacheKey], bool]) -> int:
+    async def purge_where(self, covers: Covers) -> Purged:
         """Drop matching entries from memory and pending writes; wait out writes in flight.
 
-        Returns how many memory entries went. The Volume itself is the caller's to clear after.
+        The Volume itself is the caller's to clear after, including the keys in `written`.
         """
+        self._note_invalidation(covers)
         for key in [k for k in self._queued if covers(k)]:
             dropped = self._queued.pop(key, None)
             if dropped is not None:
                 self._pending_bytes -= dropped.meta.length
         for key in [k for k in self._writing if covers(k)]:
             del self._writing[key]
-        writing = [task for key, task in self._writers.items() if covers(key)]
+        writing = {key: task for key, task in self._writers.items() if covers(key)}
         if writing:
-            await asyncio.wait(writing)
+            await asyncio.wait(writing.values())
         memory = self.memory
-        if memory is None:
-            return 0
-        return memory.delete_where(covers)
+        dropped_entries = memory.delete_where(covers) if memory is not None else 0
+        return Purged(dropped_entries, tuple(writing))
 
     async def drain(self) -> None:
         """Wait until every scheduled volume write has finished (or failed and been counted)."""
@@ -279,9 +323,17 @@ class TieredCache:
         except Exception as exc:
             self._failed("index", "record", key, exc)
 
+    def _note_invalidation(self, covers: Covers) -> None:
+        self._seq += 1
+        log = self._invalidated
+        log.append((self._seq, covers))
+        if len(log) > RECENT_INVALIDATIONS:
+            forgotten, _ = log.popleft()
+            self._invalidations_forgotten_before = forgotten
+
     def _note_put(self, key: CacheKey) -> None:
-        self._puts += 1
-        self._put_at[key] = self._puts
+        self._seq += 1
+        self._put_at[key] = self._seq
         self._put_at.move_to_end(key)
         if len(self._put_at) > RECENT_PUTS:
             _, oldest = self._put_at.popitem(last=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,29 @@ async def test_walks_do_not_follow_a_link_out_of_the_root(tmp_path: Path) -> Non
     assert [info async for info in volume.list_entries(KEY.user)] == []
     assert await volume.clean_orphans(limit=10, older_than=float("inf")) == 0
     assert await elsewhere.get(KEY) == entry()
+
+
+async def test_delete_prefix_while_another_process_writes_under_it(tmp_path: Path) -> None:
+    # Another worker's write lands in the folder while the purge removes it: no error for the
+    # purge (that worker removes what it wrote when the purge reaches it).
+    volume = LocalVolume(tmp_path)
+    await volume.put(KEY, entry())
+    stop = threading.Event()
+
+    def write_files() -> None:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            target = folder(tmp_path)
+            with contextlib.suppress(OSError):
+                target.mkdir(parents=True, exist_ok=True)
+                (target / f"other-{n}.mp3").write_bytes(b"x")
+
+    writer = threading.Thread(target=write_files)
+    writer.start()
+    try:
+        for _ in range(20):
+            await volume.delete_prefix(KEY.user)
+    finally:
+        stop.set()
+        writer.join()

@@ -123,6 +123,8 @@ def test_environment_list_as_json() -> None:
         ("[server]\naccess_log = 1\n", "server.access_log"),
         ("server = 3\n", "server"),
         ("[tts]\nspeak_paths = []\n", "tts.speak_paths"),
+        ("[fleet]\nconfirm_timeout_seconds = 0\n", "fleet.confirm_timeout_seconds"),
+        ('[fleet]\nconfirm_timeout_seconds = "soon"\n', "fleet.confirm_timeout_seconds"),
         ("[nothing]\n", "nothing"),
         ("[server\n", "--config"),
     ],

@@ -10,7 +10,7 @@ import pytest
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
-from proxy.storage.tiered import RECENT_PUTS, TieredCache
+from proxy.storage.tiered import RECENT_INVALIDATIONS, RECENT_PUTS, TieredCache
 
 KEY = CacheKey("alice@example.com", "t-9", "m-123", "af_nicole")
 LOGGER = logging.getLogger("test.tiered")
@@ -81,6 +81,18 @@ class HangingVolume(DictVolume):
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         await asyncio.sleep(3600)
+
+
+class GatedReadVolume(DictVolume):
+    """A volume whose reads wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def get(self, key: CacheKey) -> Entry | None:
+        await self.gate.wait()
+        return await super().get(key)
 
 
 class GatedVolume(DictVolume):
@@ -385,3 +397,73 @@ def test_put_since_answers_yes_for_a_mark_older_than_it_remembers() -> None:
         tiers.put(CacheKey("u", "t", f"m{i}", "v"), entry())
     assert tiers.put_since(KEY, mark)  # cannot tell any more: the caller looks again
     assert not tiers.put_since(KEY, tiers.put_mark())
+
+
+@pytest.mark.parametrize("read", ["get", "open_volume"])
+async def test_a_read_that_straddles_a_purge_is_served_but_not_kept_in_memory(read: str) -> None:
+    volume = GatedReadVolume()
+    volume.entries[KEY] = entry(b"before the purge")
+    tiers = cache(memory(), volume)
+    reading = asyncio.create_task(getattr(tiers, read)(KEY))
+    await asyncio.sleep(0.01)  # the read is out
+    purged = await tiers.purge_where(lambda key: key.user == KEY.user)
+    volume.gate.set()
+    found = await reading
+
+    assert found is not None  # the request that asked before the purge gets its answer
+    assert purged.memory == 0 and purged.written == ()
+    assert tiers.get_memory(KEY) is None  # ...but memory keeps nothing the purge removed
+    # A read that starts after the purge is promoted as usual.
+    assert await tiers.get(KEY) is not None
+    assert tiers.get_memory(KEY) is not None
+
+
+async def test_an_invalidation_of_another_key_does_not_stop_a_promotion() -> None:
+    volume = GatedReadVolume()
+    volume.entries[KEY] = entry()
+    tiers = cache(memory(), volume)
+    reading = asyncio.create_task(tiers.get(KEY))
+    await asyncio.sleep(0.01)
+    tiers.invalidate_key(CacheKey("bob@example.com", "t-9", "m-123", "af_nicole"))
+    volume.gate.set()
+    await reading
+    assert tiers.get_memory(KEY) is not None
+
+
+def test_a_mark_older_than_the_invalidations_remembered_promotes_nothing() -> None:
+    tiers = cache(memory(), None)
+    mark = tiers.put_mark()
+    other = CacheKey("bob@example.com", "t", "m", "v")
+    for _ in range(RECENT_INVALIDATIONS + 1):
+        tiers.invalidate_key(other)
+    assert tiers.invalidated_since(KEY, mark)  # cannot tell any more: not promoted
+    assert not tiers.invalidated_since(KEY, tiers.put_mark())
+    tiers.promote(KEY, entry(), since=mark)
+    assert tiers.get_memory(KEY) is None
+
+
+def test_invalidate_key_keeps_the_very_recording_named_and_drops_any_other() -> None:
+    tiers = cache(memory(), None)
+    held = entry(b"one recording")
+    tiers.put(KEY, held)
+    assert not tiers.invalidate_key(KEY, keep_body_sha256=held.meta.body_sha256)
+    assert tiers.get_memory(KEY) is held
+    assert tiers.invalidate_key(KEY, keep_body_sha256=entry(b"another").meta.body_sha256)
+    assert tiers.get_memory(KEY) is None
+
+
+async def test_purge_where_names_the_keys_whose_volume_write_it_waited_for() -> None:
+    gated = GatedVolume()
+    tiers = cache(memory(), gated)
+    other = CacheKey("bob@example.com", "t", "m", "v")
+    tiers.put(KEY, entry(b"written during the purge"))
+    tiers.put(other, entry())
+    await asyncio.sleep(0.01)  # both writes are out, held at the gate
+    purging = asyncio.create_task(tiers.purge_where(lambda key: key.user == KEY.user))
+    await asyncio.sleep(0.01)
+    assert not purging.done()  # it waits for the write in flight
+    gated.gate.set()
+    purged = await purging
+    assert purged == (1, (KEY,))
+    # The write landed: the caller must remove it from the Volume (purge.py, fleet/local.py).
+    assert KEY in gated.entries

@@ -8,6 +8,7 @@ removed by a walk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -25,6 +26,9 @@ from proxy.storage.layout import (
     stale_names,
 )
 from proxy.storage.local.io import KeyLocks, load_sidecar, resolve_under, unlink_counted
+
+# Passes of a prefix's removal while writers add files under it (see delete_prefix).
+RMTREE_PASSES = 3
 
 
 def scan(
@@ -69,7 +73,19 @@ def delete_prefix(root: Path, base: Path, parts: list[str]) -> int:
         for name in files
         if name.endswith(SIDECAR_SUFFIX) and not name.startswith(TMP_PREFIX)
     )
-    shutil.rmtree(target)
+    # Another worker may be writing under the folder (its fill committed just before the
+    # purge): a file it adds makes a pass fail with ENOTEMPTY, and the next pass takes it. What a
+    # write adds after the last pass is that worker's to remove when the purge reaches it
+    # (fleet/local.py removes the keys whose write it waited for).
+    for _ in range(RMTREE_PASSES):
+        try:
+            shutil.rmtree(target)
+            break
+        except FileNotFoundError:
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
     return removed
 
 

@@ -1,0 +1,1 @@
+"""What crosses processes: invalidations to every worker and replica, the group's numbers."""
