@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := proxy tests scripts deploy $(wildcard bench)
 STAMP := $(VENV)/.installed
+# The product alone (`make run`, the bundle): no test tools.
+RUN_STAMP := $(VENV)/.installed-run
 # Every dependency of the proxy and its tests, pinned (scripts/lock.py): the venv installs
 # through it, and deploy/databricks/requirements.txt is its run-time part.
 LOCK := requirements.lock
@@ -11,7 +13,7 @@ LOCK := requirements.lock
 .PHONY: run test bench lint typecheck pytest system-deps bench-deps screenshots clean lock \
 	databricks-bundle
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/tts-cache-proxy demo
 
 test: $(STAMP) system-deps lint typecheck pytest
@@ -39,7 +41,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e .
+	touch $(RUN_STAMP)
 
 # After a change of dependencies in pyproject.toml: resolve them again on PyPI (uv), install the
 # venv from the new lock, and write the pins the Databricks App installs.
@@ -53,7 +61,7 @@ lock:
 
 # A folder to deploy as a Databricks App: the legacy app in LEGACY behind the proxy, in OUT
 # (README: "Deploy on Databricks Apps").
-databricks-bundle: $(STAMP)
+databricks-bundle: $(RUN_STAMP)
 	@test -n "$(LEGACY)" -a -n "$(OUT)" || \
 		{ echo "usage: make databricks-bundle LEGACY=path/to/legacy/app OUT=new/folder" >&2; exit 2; }
 	$(BIN)/python deploy/databricks/bundle.py --legacy "$(LEGACY)" --out "$(OUT)"
