@@ -26,11 +26,12 @@ import aiohttp
 import asyncpg
 from aiohttp.test_utils import TestServer
 
-from proxy.app import CACHE, JANITOR, create_app
+from proxy.app import create_app
 from proxy.config import load_settings
 from proxy.index.coverage import VolumeCoverage
 from proxy.index.lookup import IndexLookup
 from proxy.speak import CacheKey
+from proxy.state import CACHE, JANITOR
 from tests.fakes.files_api import FilesApiEmulator
 from tests.fakes.legacy_backend import FakeLegacyBackend
 from tests.pg import find_bindir, start_cluster, with_database

@@ -11,12 +11,12 @@ from typing import Any, Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy.app import IDENTITY, STATS
 from proxy.config import Settings
 from proxy.headers import X_REQUEST_ID, X_TTS_CACHE, X_TTS_CACHE_TIER
 from proxy.log_lines import LineWriter
 from proxy.request_context import REQUEST_ID, UPSTREAM_SECONDS
 from proxy.speak import CacheKey
+from proxy.state import IDENTITY, STATS
 from proxy.stats import CacheStats
 
 ACCESS_LOGGER: Final = "proxy.access"

@@ -19,8 +19,9 @@ import aiohttp
 from aiohttp import web
 
 from proxy.access_log import access_log_options
-from proxy.app import CACHE, create_app
+from proxy.app import create_app
 from proxy.config import Settings
+from proxy.state import CACHE
 from tests.support import Spoken, speak
 
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import HISTORY
 from proxy.demo import create_demo_app
+from proxy.state import HISTORY
 from tests.conftest import settings_for
 from tests.e2e.live import LiveServer, LiveStack, click
 from tests.support import TOKEN, speak_body

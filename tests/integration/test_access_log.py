@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from proxy.access_log import ACCESS_LOGGER
-from proxy.app import CACHE
 from proxy.speak import CacheKey
+from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import SPEAK, TOKEN, logged_client, speak, speak_body

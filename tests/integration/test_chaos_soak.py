@@ -20,9 +20,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import CACHE, VOLUME, create_app
+from proxy.app import create_app
 from proxy.config import Settings
 from proxy.speak import CacheKey
+from proxy.state import CACHE, VOLUME
 from proxy.storage.layout import voice_of
 from tests.conftest import settings_for
 from tests.databricks_volume_support import (  # noqa: F401 - fixtures for this test

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import pytest
 
 from proxy.admin.session import COOKIE_NAME
-from proxy.app import CACHE, INDEX
+from proxy.state import CACHE, INDEX
 from tests.conftest import MakeProxyClient
 from tests.fakes import FakeLegacyBackend
 from tests.support import BOB, SPEAK, TOKEN, speak, speak_body

@@ -9,7 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from proxy.app import BROADCAST, CACHE, create_app
+from proxy.app import create_app
+from proxy.state import BROADCAST, CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.pg import PostgresServer

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import CACHE, INDEX, VOLUME
 from proxy.speak import CacheKey
+from proxy.state import CACHE, INDEX, VOLUME
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
 from tests.conftest import MakeProxyClient

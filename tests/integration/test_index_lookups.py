@@ -18,13 +18,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.app import CACHE, INDEX, JANITOR, RECORDER, create_app
+from proxy.app import create_app
 from proxy.index.coverage import VolumeCoverage, volume_id
 from proxy.index.ledger import IndexLedger
 from proxy.index.lookup import IndexLookup
 from proxy.index.pool import IndexUnavailable
 from proxy.index.recorder import EntryRecorder
 from proxy.settings import VolumeSettings
+from proxy.state import CACHE, INDEX, JANITOR, RECORDER
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
 from tests.conftest import settings_for
@@ -139,6 +140,16 @@ async def index_rows(dsn: str) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in found]
 
 
+async def started_janitor_done(client: Any, within: float = 30.0) -> None:
+    """Wait for the janitor's run at start to end (however slow the machine)."""
+    janitor = client.app[JANITOR]
+    for _ in range(int(within / 0.05)):
+        if janitor.runs + janitor.errors >= 1:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the janitor's run at start did not end")
+
+
 async def walked(client: Any) -> None:
     """One janitor run (after the one at start): its walk records the Volume in the index."""
     report = await client.app[JANITOR].run_once()
@@ -182,6 +193,7 @@ async def test_a_miss_costs_no_files_api_call_then_memory_then_the_volume_via_th
     await first.close()
 
     second = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
+    await started_janitor_done(second)  # its reads (a walk) are not the lookup's
     reads = volume_reads(emulator)
     cache, tier, again = await speak(second, text="Hello again")
     edited = legacy_backend.audio_for("Hello again", "af_nicole")

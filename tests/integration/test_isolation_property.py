@@ -11,7 +11,8 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import CACHE, create_app
+from proxy.app import create_app
+from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 

@@ -16,10 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.app import CACHE, INDEX, create_app
+from proxy.app import create_app
 from proxy.index.entries import PostgresIndex
 from proxy.index.lakebase import lakebase_password
 from proxy.index.rotating_password import RotatingPassword
+from proxy.state import CACHE, INDEX
 from tests.conftest import settings_for
 from tests.databricks_volume_support import (  # noqa: F401 - the SDK sees only what we set
     _no_ambient_databricks_config,

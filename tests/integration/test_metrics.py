@@ -9,7 +9,7 @@ from typing import Any
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import CACHE, JANITOR
+from proxy.state import CACHE, JANITOR
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import ALICE, SPEAK, TOKEN, logged_client, speak, speak_body

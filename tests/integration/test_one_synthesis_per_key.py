@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import CACHE
 from proxy.speak import CacheKey
+from proxy.state import CACHE
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
 from tests.conftest import MakeProxyClient

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from proxy.app import CACHE, VOLUME, create_app
+from proxy.app import create_app
 from proxy.config import Settings
+from proxy.state import CACHE, VOLUME
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import FilesApiEmulator

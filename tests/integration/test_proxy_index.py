@@ -8,7 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from proxy.app import CACHE, INDEX, create_app
+from proxy.app import create_app
+from proxy.state import CACHE, INDEX
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.pg import ChatMessage, PostgresServer, create_chat_messages, message_metadata

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import CACHE, create_app
+from proxy.app import create_app
+from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.deepgram_api import FakeDeepgramApi

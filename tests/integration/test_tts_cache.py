@@ -15,8 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from proxy.app import CACHE, create_app
+from proxy.app import create_app
 from proxy.config import Settings
+from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes.legacy_backend import FakeLegacyBackend
 from tests.support import ALICE, BOB, SPEAK, TOKEN, speak_body
