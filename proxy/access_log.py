@@ -13,7 +13,13 @@ from aiohttp.abc import AbstractAccessLogger
 
 from proxy.app import IDENTITY, STATS
 from proxy.config import Settings
-from proxy.headers import X_REQUEST_ID, X_TTS_CACHE, X_TTS_CACHE_TIER
+from proxy.headers import (
+    CACHE_STATUS,
+    REASON_OF_STATUS,
+    X_REQUEST_ID,
+    X_TTS_CACHE,
+    X_TTS_CACHE_TIER,
+)
 from proxy.log_lines import LineWriter
 from proxy.request_context import REQUEST_ID, UPSTREAM_SECONDS
 from proxy.speak import CacheKey
@@ -61,6 +67,12 @@ class AccessLogger(AbstractAccessLogger):
         if writer is None and not self.logger.isEnabledFor(logging.INFO):
             return
         upstream = request.get(UPSTREAM_SECONDS)
+        # Only a disabled line says why (a dict lookup of its Cache-Status: hits pay nothing).
+        reason = (
+            f'"reason":{_text(REASON_OF_STATUS.get(headers.get(CACHE_STATUS, "")))},'
+            if outcome == "disabled"
+            else ""
+        )
         # Built by hand: a dict through json's encoder costs several times more, per request.
         line = (
             f'{{"ts":{time.time():.3f},'
@@ -68,7 +80,7 @@ class AccessLogger(AbstractAccessLogger):
             f'"method":{_text(request.method)},'
             f'"path":{_text(logged_path(request))},'
             f'"status":{response.status},'
-            f'"cache":{_text(outcome)},'
+            f'"cache":{_text(outcome)},{reason}'
             f'"tier":{_text(headers.get(X_TTS_CACHE_TIER))},'
             f'"key":{_text(key_digest(request, response))},'
             f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.2f}"},'

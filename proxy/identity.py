@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from proxy.admin.session import COOKIE_NAME as ADMIN_COOKIE
 from proxy.config import IdentitySettings
 from proxy.headers import X_FORWARDED_FOR, X_REAL_IP
+from proxy.reasons import Reason
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Connection values that name no header but the hop-by-hop ones (checked without parsing).
@@ -128,22 +129,31 @@ class IdentityResolver:
 
     def resolve(self, request: web.BaseRequest, *, trusted: bool | None = None) -> Identity | None:
         """The requesting user, or None when there is none to believe."""
+        found = self.identify(request, trusted=trusted)
+        return None if isinstance(found, Reason) else found
+
+    def identify(
+        self, request: web.BaseRequest, *, trusted: bool | None = None
+    ) -> Identity | Reason:
+        """The requesting user, or the reason none is believed (for `Cache-Status`)."""
         if self.mode == "none":
-            return None
+            return Reason.IDENTITY_OFF
         if not (self.trusted_peer(request) if trusted is None else trusted):
-            return None
+            return Reason.UNTRUSTED_PEER
         headers = request.headers
         users = headers.getall(self.user_header, ())
+        if not users:
+            return Reason.NO_IDENTITY
         if len(users) != 1 or "," in users[0]:
-            return None  # none, or several: a gateway that appends must not choose for us
+            return Reason.AMBIGUOUS_IDENTITY  # a gateway that appends must not choose for us
         user = users[0].strip()
         if not user:
-            return None
+            return Reason.NO_IDENTITY
         token: str | None = None
         if self.token_header is not None:
             tokens = headers.getall(self.token_header, ())
             if len(tokens) > 1 or (tokens and "," in tokens[0]):
-                return None
+                return Reason.AMBIGUOUS_IDENTITY
             token = tokens[0] if tokens else None
         if token:
             return Identity(user=user, token=token)

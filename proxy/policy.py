@@ -13,6 +13,7 @@ from typing import Final
 from cachetools import TTLCache
 
 from proxy.headers import X_TTS_FALLBACK, X_TTS_PROVIDER
+from proxy.reasons import Reason
 from proxy.speak import CacheKey, SpeakRequest
 from proxy.storage.entry import EntryMeta
 
@@ -24,20 +25,37 @@ MAX_COUNTED_KEYS: Final = 100_000
 def cacheable_key(
     speak: SpeakRequest, user: str | None, *, max_text_chars: int = 0
 ) -> CacheKey | None:
-    """The key of a speak call that may be cached, else None.
+    """The key of a speak call that may be cached, else None (`decide` says why)."""
+    decided = decide(speak, user, max_text_chars=max_text_chars, save_by_default=False)
+    return None if isinstance(decided, Reason) else decided
 
-    Cacheable: a user the identity rules believe, both ids, `save_to_volume: true`, a text that is
-    not blank and not longer than `max_text_chars` (0: no limit; long texts such as LLM replies are
-    rarely replayed), and every key part a valid id (they become path segments).
+
+def decide(
+    speak: SpeakRequest, user: str | None, *, max_text_chars: int, save_by_default: bool
+) -> CacheKey | Reason:
+    """The key of a speak call that may be cached, else the reason it may not (`Reason`).
+
+    Cacheable: a user the identity rules believe, `save_to_volume: true` (or no such field and
+    `save_by_default`; any other value present is a refusal), both ids, a text that
+    is not blank and not longer than `max_text_chars` (0: no limit; long texts such as LLM
+    replies are rarely replayed), and every key part a valid id (they become path segments).
+    The checks run in the order `Reason` lists them; the first that fails is the answer.
     """
-    if not (user and speak.message_id and speak.thread_id and speak.save_to_volume):
-        return None
+    if not user:
+        return Reason.NO_IDENTITY
+    if speak.save_said:
+        if not speak.save_to_volume:
+            return Reason.SAVE_OFF
+    elif not save_by_default:
+        return Reason.SAVE_DEFAULT_OFF
+    if not (speak.message_id and speak.thread_id):
+        return Reason.INVALID_ID
     if not speak.text.strip():
-        return None
+        return Reason.NO_TEXT
     if max_text_chars > 0 and len(speak.text) > max_text_chars:
-        return None
+        return Reason.TEXT_TOO_LONG
     key = CacheKey(user, speak.thread_id, speak.message_id, speak.voice)
-    return key if key.valid() else None
+    return key if key.valid() else Reason.INVALID_ID
 
 
 def storable_head(

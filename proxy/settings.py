@@ -61,6 +61,7 @@ class TtsSettings:
     body_timeout_seconds: float = 30.0
     default_voice: str = "af_nicole"
     forward_save_to_volume: bool = False
+    save_by_default: bool = False
     clean_text: Literal["none", "basic"] = "basic"
 
 

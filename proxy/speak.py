@@ -53,6 +53,8 @@ class SpeakRequest(NamedTuple):
     message_id: str | None
     thread_id: str | None
     save_to_volume: bool
+    save_said: bool = True
+    """Whether the body has a save field at all (absent: the route's default decides)."""
 
     @classmethod
     def from_json(cls, body: dict[str, Any], default_voice: str) -> SpeakRequest:
@@ -69,6 +71,7 @@ class SpeakRequest(NamedTuple):
             message_id=message_id if isinstance(message_id, str) else None,
             thread_id=thread_id if isinstance(thread_id, str) else None,
             save_to_volume=body.get("save_to_volume") is True,
+            save_said="save_to_volume" in body,
         )
 
     def text_sha256(self) -> str:

@@ -14,8 +14,8 @@ from multidict import CIMultiDict
 from proxy.config import Settings
 from proxy.fill import Fill, FlightKey, Flights
 from proxy.headers import (
-    DISABLED,
     age_of,
+    disabled_headers,
     for_origin,
     hit_headers,
     origin_bound,
@@ -24,7 +24,8 @@ from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.policy import Admission, cacheable_key, entry_matches
+from proxy.policy import Admission, decide, entry_matches
+from proxy.reasons import Reason
 from proxy.request_context import (
     REQUEST_ID_HEADER,
     client_or_new_id,
@@ -57,11 +58,11 @@ PARSED_BODY_LIMIT: Final = 2048
 
 
 class ParsedSpeak(NamedTuple):
-    """A speak body read once: its JSON, its fields, its key for this user (None: not cacheable)."""
+    """A speak body read once: its JSON, its fields, its key for this user or why it has none."""
 
     document: dict[str, Any] | None
     speak: SpeakRequest | None
-    key: CacheKey | None
+    key: CacheKey | Reason
     text_sha256: str
 
     def matches(self, meta: EntryMeta) -> bool:
@@ -106,16 +107,14 @@ class SpeakHandler:
     _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
-    _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
+    _parsed: dict[tuple[str, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
         if self.identity.mode == "none":
-            self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request)
-            return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
+            return await self._disabled(request, Reason.IDENTITY_OFF)
         # 1. the body, bounded
         limit = self.settings.tts.max_body_bytes
         content = request.content
@@ -139,16 +138,18 @@ class SpeakHandler:
                 self.stats.errors["body_timeout"] += 1
                 return await body_timed_out(request)
         # 2-4. what is asked, by whom, and whether it may be cached
-        identity = self.identity.resolve(request)
-        parsed = self._parse(body, identity.user if identity else None)
+        identity = self.identity.identify(request)
+        if isinstance(identity, Reason):
+            return await self._disabled(request, identity, body)
+        parsed = self._parse(body, identity.user)
         key = parsed.key
-        if key is not None and self.ownership is not None and not await self.ownership.allows(key):
-            key = None  # fail closed: what cannot be verified is neither served nor stored
+        if isinstance(key, Reason):
+            return await self._disabled(request, key, body)
+        if self.ownership is not None and not await self.ownership.allows(key):
+            # fail closed: what cannot be verified is neither served nor stored
+            return await self._disabled(request, Reason.OWNERSHIP_UNCONFIRMED, body)
         document, speak, text_sha = parsed.document, parsed.speak, parsed.text_sha256
-        if document is None or speak is None or key is None:
-            self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request)
-            return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
+        assert document is not None and speak is not None  # a key comes from a read body
 
         # 5. memory: the hot path, with no await unless an index records the hit
         entry = self.cache.get_memory(key)
@@ -218,6 +219,17 @@ class SpeakHandler:
             log.debug("miss %s: joined a fill", key.digest())
             reader = fill.reader()
         return await stream_fill(request, fill, reader, key, collapsed=collapsed)
+
+    async def _disabled(
+        self, request: web.Request, reason: Reason, body: bytes | None = None
+    ) -> web.StreamResponse:
+        """Forward the call untouched, saying why it was not cached."""
+        self.stats.disabled += 1
+        log.debug("disabled: %s", reason.value)
+        headers = self.identity.forwardable_headers(request)
+        return await self.passthrough.forward(
+            request, headers, body, extra_headers=disabled_headers(reason)
+        )
 
     async def _volume_hit(
         self,
@@ -293,18 +305,24 @@ class SpeakHandler:
         elif self.janitor is not None:
             self.janitor.record_hit(key)
 
-    def _parse(self, body: bytes, user: str | None) -> ParsedSpeak:
+    def _parse(self, body: bytes, user: str) -> ParsedSpeak:
         """What a body asks for, from whom; remembered, since replays send the same bytes."""
         memo_key = (user, body)
         parsed = self._parsed.get(memo_key)
         if parsed is not None:
             return parsed
         document = parse_json_object(body)
-        speak = key = None
+        speak = None
+        key: CacheKey | Reason = Reason.NOT_JSON
         text_sha = ""
         if document is not None:
             speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
-            key = cacheable_key(speak, user, max_text_chars=self.settings.cache.max_text_chars)
+            key = decide(
+                speak,
+                user,
+                max_text_chars=self.settings.cache.max_text_chars,
+                save_by_default=self.settings.tts.save_by_default,
+            )
             text_sha = speak.text_sha256()
         parsed = ParsedSpeak(document, speak, key, text_sha)
         if len(body) <= PARSED_BODY_LIMIT:
