@@ -20,6 +20,7 @@ from proxy.admin.history import History
 from proxy.admin.pages import AdminPages, setup_templates
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES, add_dashboard_routes
 from proxy.config import IndexSettings, Settings
+from proxy.contracts import Contract, speak_contracts
 from proxy.draining import Drain
 from proxy.fill import Flights
 from proxy.identity import IdentityResolver
@@ -127,8 +128,8 @@ def create_app(settings: Settings) -> web.Application:
     add("GET", f"{API_PREFIX}/stats", admin_stats)
     add_dashboard_routes(app)
     speak = app[SPEAK_ROUTE] = SpeakRoute()
-    for path in settings.tts.speak_paths:
-        add("POST", path, limit.guard(speak.handle))
+    for contract in speak_contracts(settings):
+        add("POST", contract.path, limit.guard(speak.handler_for(contract)))
     # The proxy's own space never reaches the backend: what it does not serve is its own 404.
     add("*", "/_proxy/{tail:.*}", proxy_not_found)
     add("*", "/{tail:.*}", limit.guard(forward))
@@ -151,19 +152,23 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 class SpeakRoute:
-    """The speak paths' handler: the speak handler, which is built at start (see _handlers)."""
+    """The speak routes' handler: the speak handler, which is built at start (see _handlers)."""
 
     __slots__ = ("target",)
 
     def __init__(self) -> None:
         self.target: SpeakHandler | None = None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """A POST to a speak path: the speak handler decides."""
-        target = self.target
-        if target is None:
-            raise RuntimeError("the speak handler is not set up: did the app start?")
-        return await target.handle(request)
+    def handler_for(self, contract: Contract) -> Handler:
+        """The handler of one speak route: the speak handler, told the route's contract."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            target = self.target
+            if target is None:
+                raise RuntimeError("the speak handler is not set up: did the app start?")
+            return await target.handle(request, contract)
+
+        return handle
 
 
 SPEAK_ROUTE: Final = web.AppKey("speak_route", SpeakRoute)
@@ -276,7 +281,8 @@ def _recorder(
     async def record(key: CacheKey, entry: Entry) -> None:
         path = volume.location(key, entry.meta.content_type)
         await index.record(key, entry.meta, path)
-        if settings.index.write_legacy_metadata:
+        # chat_messages has a row per message: a content key (a text's recording) has none.
+        if settings.index.write_legacy_metadata and not key.is_content:
             await legacy.write_metadata(key, path, entry.meta.provider, entry.meta.created_at)
 
     return record
@@ -311,6 +317,7 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         passthrough=app[PASSTHROUGH],
         # Speak misses hold an ordinary upstream slot, as any other request does.
         synthesizer=SlottedUpstream(app.get(SYNTHESIZER, upstream), app[SLOTS]),
+        direct=SlottedUpstream(upstream, app[SLOTS]),
         stats=app[STATS],
         index=app.get(INDEX),
         ownership=ownership,
@@ -331,7 +338,10 @@ async def _handlers(app: web.Application) -> AsyncIterator[None]:
         disk_guard=app[DISK_GUARD],
         volume_totals=app[ENTRY_BROWSER].volume_totals,
     )
-    app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
+    modes = {c.identity for c in speak_contracts(settings)} - {settings.identity.mode, "none"}
+    app[AUDIO_URL] = AudioUrl(
+        identity=app[IDENTITY], cache=app[CACHE], ownership=ownership, modes=tuple(sorted(modes))
+    )
     yield
 
 

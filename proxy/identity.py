@@ -15,9 +15,11 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.admin.session import COOKIE_NAME as ADMIN_COOKIE
+from proxy.api_keys import ApiKeyUsers
 from proxy.config import IdentitySettings
 from proxy.headers import X_FORWARDED_FOR, X_REAL_IP
 from proxy.reasons import Reason
+from proxy.speak import valid_id
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Connection values that name no header but the hop-by-hop ones (checked without parsing).
@@ -74,6 +76,7 @@ class IdentityResolver:
         self._clock = clock
         # Identities without a token are the same few users over and over: made once each.
         self._tokenless: dict[str, Identity] = {}
+        self._api_keys = ApiKeyUsers(settings.api_key_secret)
 
     def trusted_peer(self, request: web.BaseRequest) -> bool:
         """True when the TCP peer is inside `identity.trusted_proxies`."""
@@ -133,10 +136,18 @@ class IdentityResolver:
         return None if isinstance(found, Reason) else found
 
     def identify(
-        self, request: web.BaseRequest, *, trusted: bool | None = None
+        self, request: web.BaseRequest, *, trusted: bool | None = None, mode: str | None = None
     ) -> Identity | Reason:
-        """The requesting user, or the reason none is believed (for `Cache-Status`)."""
-        if self.mode == "none":
+        """The requesting user, or the reason none is believed (for `Cache-Status`).
+
+        `mode` is a route's own identity mode, when it has one; else `identity.mode`. A user a
+        gateway names must be a valid id: the "_" segments are the cache's own (speak.py).
+        """
+        mode = self.mode if mode is None else mode
+        if mode == "api-key":
+            user = self._api_keys.user_of(request.headers.getall(hdrs.AUTHORIZATION, ()))
+            return user if isinstance(user, Reason) else Identity(user=user)
+        if mode == "none":
             return Reason.IDENTITY_OFF
         if not (self.trusted_peer(request) if trusted is None else trusted):
             return Reason.UNTRUSTED_PEER
@@ -149,6 +160,8 @@ class IdentityResolver:
         user = users[0].strip()
         if not user:
             return Reason.NO_IDENTITY
+        if not valid_id(user):
+            return Reason.INVALID_ID
         token: str | None = None
         if self.token_header is not None:
             tokens = headers.getall(self.token_header, ())

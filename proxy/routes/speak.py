@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config import Settings
+from proxy.contracts import Contract
 from proxy.fill import Fill, FlightKey, Flights
 from proxy.headers import (
     age_of,
@@ -27,6 +27,7 @@ from proxy.ownership import OwnershipCheck
 from proxy.policy import Admission, decide, entry_matches
 from proxy.reasons import Reason
 from proxy.request_context import (
+    CACHE_KEY,
     REQUEST_ID_HEADER,
     client_or_new_id,
     request_id,
@@ -98,7 +99,10 @@ class SpeakHandler:
     flights: Flights
     passthrough: Passthrough
     synthesizer: Upstream
+    """Who answers a legacy contract's miss: upstream.kind's synthesizer."""
     stats: CacheStats
+    direct: Upstream | None = None
+    """Who answers any other contract's miss: upstream.url (None: the synthesizer)."""
     index: PostgresIndex | None = None
     ownership: OwnershipCheck | None = None
     admission: Admission | None = None
@@ -107,13 +111,13 @@ class SpeakHandler:
     _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
-    _parsed: dict[tuple[str, bytes], ParsedSpeak] = field(
+    _parsed: dict[tuple[str, str, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
-        if self.identity.mode == "none":
+    async def handle(self, request: web.Request, contract: Contract) -> web.StreamResponse:
+        """Answer a POST to a speak route: hit, joined or new fill, or forwarded untouched."""
+        if contract.identity == "none":
             return await self._disabled(request, Reason.IDENTITY_OFF)
         # 1. the body, bounded
         limit = self.settings.tts.max_body_bytes
@@ -138,16 +142,22 @@ class SpeakHandler:
                 self.stats.errors["body_timeout"] += 1
                 return await body_timed_out(request)
         # 2-4. what is asked, by whom, and whether it may be cached
-        identity = self.identity.identify(request)
+        identity = self.identity.identify(request, mode=contract.identity)
         if isinstance(identity, Reason):
             return await self._disabled(request, identity, body)
-        parsed = self._parse(body, identity.user)
+        parsed = self._parse(contract, body, identity.user)
         key = parsed.key
         if isinstance(key, Reason):
             return await self._disabled(request, key, body)
-        if self.ownership is not None and not await self.ownership.allows(key):
-            # fail closed: what cannot be verified is neither served nor stored
+        if (
+            self.ownership is not None
+            and not key.is_content
+            and not await self.ownership.allows(key)
+        ):
+            # fail closed: what cannot be verified is neither served nor stored (a content key
+            # names no message: it is the user's by construction)
             return await self._disabled(request, Reason.OWNERSHIP_UNCONFIRMED, body)
+        request[CACHE_KEY] = key  # for the access log's hash of the key
         document, speak, text_sha = parsed.document, parsed.speak, parsed.text_sha256
         assert document is not None and speak is not None  # a key comes from a read body
 
@@ -191,7 +201,9 @@ class SpeakHandler:
                 raw_path=request.raw_path,
                 headers=headers,
                 request_id=request_id(request),
-                body=self._upstream_body(body, document),
+                body=contract.upstream_body(
+                    body, document, keep_save=self.settings.tts.forward_save_to_volume
+                ),
                 speak=speak,
                 identity=identity,
             )
@@ -210,7 +222,12 @@ class SpeakHandler:
             # when it already makes the fill too large to join.
             reader = fill.reader()
             try:
-                await self.flights.lead(flight, fill, self.synthesizer)
+                synthesizer = (
+                    self.direct
+                    if contract.synthesizer == "http" and self.direct is not None
+                    else self.synthesizer
+                )
+                await self.flights.lead(flight, fill, synthesizer)
             except BaseException:
                 reader.close()
                 raise
@@ -305,9 +322,9 @@ class SpeakHandler:
         elif self.janitor is not None:
             self.janitor.record_hit(key)
 
-    def _parse(self, body: bytes, user: str) -> ParsedSpeak:
+    def _parse(self, contract: Contract, body: bytes, user: str) -> ParsedSpeak:
         """What a body asks for, from whom; remembered, since replays send the same bytes."""
-        memo_key = (user, body)
+        memo_key = (contract.path, user, body)
         parsed = self._parsed.get(memo_key)
         if parsed is not None:
             return parsed
@@ -316,14 +333,15 @@ class SpeakHandler:
         key: CacheKey | Reason = Reason.NOT_JSON
         text_sha = ""
         if document is not None:
-            speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
+            speak = contract.read(document)
+            text_sha = contract.text_sha256(speak.text)
             key = decide(
+                contract,
                 speak,
                 user,
+                text_sha256=text_sha,
                 max_text_chars=self.settings.cache.max_text_chars,
-                save_by_default=self.settings.tts.save_by_default,
             )
-            text_sha = speak.text_sha256()
         parsed = ParsedSpeak(document, speak, key, text_sha)
         if len(body) <= PARSED_BODY_LIMIT:
             if len(self._parsed) >= PARSED_ENTRIES:
@@ -360,12 +378,6 @@ class SpeakHandler:
             self.stats.errors["disk_full"] += 1  # low disk: serve, do not fill it further
             return False
         return True
-
-    def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
-        if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
-            return body
-        trimmed = {k: v for k, v in document.items() if k != "save_to_volume"}
-        return json.dumps(trimmed, ensure_ascii=False).encode()
 
     def _commit(self, key: CacheKey, entry: Entry) -> None:
         self.stats.stored += 1
