@@ -8,6 +8,8 @@ says `save_to_volume: true`.
 from __future__ import annotations
 
 import hashlib
+import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +199,43 @@ async def test_content_entries_are_indexed_and_need_no_message_owner(
         await connection.close()
     digest = hashlib.sha256(b"Hello there").hexdigest()
     assert [tuple(row) for row in rows] == [("alice@example.com", "_text", digest)]
+
+
+async def test_the_dashboard_lists_plays_and_purges_content_entries(
+    aiohttp_client: Any, legacy_backend: FakeLegacyBackend, tmp_path: Path
+) -> None:
+    client = await proxy(aiohttp_client, legacy_backend, tmp_path)
+    _, audio = await speak(client, CLIENT_BODY)
+    message = {**CLIENT_BODY, "message_id": "m-1", "thread_id": "t-1", "save_to_volume": True}
+    await speak(client, message)
+    await client.app[CACHE].drain()
+    digest = hashlib.sha256(b"Hello there").hexdigest()
+    async with client.post(
+        "/_proxy/admin/login", data={"token": TOKEN}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
+    async with client.get("/_proxy/admin/entries") as response:
+        page = await response.text()
+    # A content entry shows "text" and a short digest where a message shows its ids.
+    assert f"<code>{digest[:12]}…</code>" in page and ">text</span>" in page
+    assert ">t-1</a>" in page and ">m-1</td>" in page
+    found = re.search(r'href="(/_proxy/admin/entry\?[^"]*thread=_text[^"]*)"', page)
+    assert found is not None
+    async with client.get(html.unescape(found.group(1))) as response:
+        entry = await response.text()
+        assert response.status == 200 and digest in entry
+    player = re.search(r'<audio [^>]*src="([^"]+)"', entry)
+    assert player is not None
+    async with client.get(html.unescape(player.group(1))) as response:
+        assert response.status == 200 and await response.read() == audio
+    # Purging the user (the entries page's own link) takes her text entries too.
+    async with client.get("/_proxy/admin/purge?user=alice@example.com") as response:
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', await response.text())
+    assert csrf is not None
+    async with client.post(
+        "/_proxy/admin/purge",
+        data={"csrf": csrf.group(1), "user": "alice@example.com"},
+        allow_redirects=False,
+    ) as response:
+        assert response.status == 303 and "removed=2" in response.headers["Location"]
+    assert objects(tmp_path) == []
