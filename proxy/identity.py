@@ -285,7 +285,8 @@ def loopback_trust_warning(host: str, identity: IdentitySettings) -> str | None:
     Behind a container runtime or a load balancer every peer is outside loopback, so such a
     proxy believes no identity: every speak call is `disabled` and the backend loses its user.
     """
-    if identity.mode == "none" or not _listens_beyond_loopback(host):
+    # Modes that believe no gateway (none, api-key) have nothing to warn about.
+    if identity.mode in ("none", "api-key") or not _listens_beyond_loopback(host):
         return None
     networks = [ipaddress.ip_network(cidr, strict=False) for cidr in identity.trusted_proxies]
     if any(not network.is_loopback for network in networks):
