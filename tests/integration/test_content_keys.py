@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 from multidict import CIMultiDict
 
-from proxy.app import CACHE, create_app
+from proxy.app import CACHE, JANITOR, create_app
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import ALICE, BOB, SPEAK, TOKEN
@@ -239,3 +239,22 @@ async def test_the_dashboard_lists_plays_and_purges_content_entries(
     ) as response:
         assert response.status == 303 and "removed=2" in response.headers["Location"]
     assert objects(tmp_path) == []
+
+
+async def test_the_janitor_counts_text_entries_against_their_users_quota(
+    aiohttp_client: Any, legacy_backend: FakeLegacyBackend, tmp_path: Path
+) -> None:
+    # Room for one 64 KiB recording per user: Alice's oldest text entry goes, Bob's stays.
+    client = await proxy(
+        aiohttp_client, legacy_backend, tmp_path, **{"cache.volume.user_max_bytes": 100_000}
+    )
+    await speak(client, CLIENT_BODY)
+    await speak(client, CLIENT_BODY, BOB)
+    await client.app[CACHE].drain()
+    await speak(client, {**CLIENT_BODY, "text": "A second text"})
+    await client.app[CACHE].drain()
+    report = await client.app[JANITOR].run_once()
+    assert report.evicted_quota == 1
+    digest = hashlib.sha256(b"A second text").hexdigest()
+    kept = objects(tmp_path)
+    assert len(kept) == 2 and any(f"alice@example.com/_text/{digest}/" in k for k in kept)
