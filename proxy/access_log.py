@@ -8,19 +8,24 @@ import time
 from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.config import Settings
-from proxy.headers import X_REQUEST_ID, X_TTS_CACHE, X_TTS_CACHE_TIER
+from proxy.headers import (
+    CACHE_STATUS,
+    REASON_OF_STATUS,
+    X_REQUEST_ID,
+    X_TTS_CACHE,
+    X_TTS_CACHE_TIER,
+)
 from proxy.log_lines import LineWriter
-from proxy.request_context import REQUEST_ID, UPSTREAM_SECONDS
+from proxy.request_context import CACHE_KEY, REQUEST_ID, UPSTREAM_SECONDS
 from proxy.speak import CacheKey
-from proxy.state import IDENTITY, STATS
+from proxy.state import STATS
 from proxy.stats import CacheStats
 
 ACCESS_LOGGER: Final = "proxy.access"
-AUDIO_PREFIX: Final = "/_proxy/audio/"
 # Our own routes whose paths carry ids: logged as their template, never with the ids.
 OWN_PREFIX: Final = "/_proxy/"
 
@@ -61,6 +66,12 @@ class AccessLogger(AbstractAccessLogger):
         if writer is None and not self.logger.isEnabledFor(logging.INFO):
             return
         upstream = request.get(UPSTREAM_SECONDS)
+        # Only a disabled line says why (a dict lookup of its Cache-Status: hits pay nothing).
+        reason = (
+            f'"reason":{_text(REASON_OF_STATUS.get(headers.get(CACHE_STATUS, "")))},'
+            if outcome == "disabled"
+            else ""
+        )
         # Built by hand: a dict through json's encoder costs several times more, per request.
         line = (
             f'{{"ts":{time.time():.3f},'
@@ -68,7 +79,7 @@ class AccessLogger(AbstractAccessLogger):
             f'"method":{_text(request.method)},'
             f'"path":{_text(logged_path(request))},'
             f'"status":{response.status},'
-            f'"cache":{_text(outcome)},'
+            f'"cache":{_text(outcome)},{reason}'
             f'"tier":{_text(headers.get(X_TTS_CACHE_TIER))},'
             f'"key":{_text(key_digest(request, response))},'
             f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.2f}"},'
@@ -104,27 +115,15 @@ def logged_path(request: web.BaseRequest) -> str:
 
 
 def key_digest(request: web.BaseRequest, response: web.StreamResponse) -> str | None:
-    """The hash of the cache key the response concerns, from its audio URL; None otherwise."""
-    app: web.Application | None = getattr(request, "app", None)
+    """The hash of the cache key the response concerns; None when it concerns none."""
+    key = request.get(CACHE_KEY)
+    if key is not None:  # set by the speak handler and the audio URL
+        return _digest(*key)
     info: Any = getattr(request, "match_info", None)
-    if app is None or IDENTITY not in app:
-        return None
-    if info is not None and "voice" in info and "message" in info:
-        # An audio URL: the admin one names the user, the user's own one is the requester's.
-        user = info.get("user")
-        if user is None:
-            identity = app[IDENTITY].resolve(request)
-            user = identity.user if identity is not None else None
-        if user is None:
-            return None
-        return _digest(user, info["thread"], info["message"], info["voice"])
-    location = response.headers.get(hdrs.CONTENT_LOCATION)
-    if location is None or not location.startswith(AUDIO_PREFIX):
-        return None
-    # Only a believed user's speak response names its audio: the identity header is theirs.
-    user = request.headers.get(app[IDENTITY].user_header, "").strip()
-    ids = location[len(AUDIO_PREFIX) :].split("/")
-    return _digest(user, *ids) if user and len(ids) == 3 else None
+    if info is not None and "user" in info and "voice" in info and "message" in info:
+        # The admin audio URL names the user.
+        return _digest(info["user"], info["thread"], info["message"], info["voice"])
+    return None
 
 
 _DIGESTS: dict[tuple[str, ...], str] = {}

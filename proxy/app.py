@@ -12,6 +12,7 @@ from proxy.admin.guard import AdminGuard
 from proxy.admin.pages import setup_templates
 from proxy.admin.routes import ADMIN_GUARD, add_dashboard_routes
 from proxy.config import Settings
+from proxy.contracts import speak_contracts
 from proxy.fill import Flights
 from proxy.fleet.group import WorkerGroup
 from proxy.identity import IdentityResolver
@@ -94,8 +95,8 @@ def create_app(settings: Settings, *, group: WorkerGroup | None = None) -> web.A
     add("GET", f"{API_PREFIX}/stats", admin_stats)
     add_dashboard_routes(app)
     speak = app[SPEAK_ROUTE] = SpeakRoute()
-    for path in settings.tts.speak_paths:
-        add("POST", path, limit.guard(speak.handle))
+    for contract in speak_contracts(settings):
+        add("POST", contract.path, limit.guard(speak.handler_for(contract)))
     # The proxy's own space never reaches the backend: what it does not serve is its own 404.
     add("*", "/_proxy/{tail:.*}", proxy_not_found)
     add("*", "/{tail:.*}", limit.guard(forward))

@@ -394,12 +394,13 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo_cli import demo_settings, run_demo
+
     backend_url = f"http://{args.host}:{args.backend_port}"
-    settings = _load(
-        args,
-        **{"server.host": args.host, "server.port": args.port, "upstream.url": backend_url},
+    settings = demo_settings(
+        args.config,
+        {"server.host": args.host, "server.port": args.port, "upstream.url": backend_url},
     )
-    from proxy.demo_cli import run_demo
 
     loop = new_event_loop()
     try:

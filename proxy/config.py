@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
+from proxy.config_toml import to_toml
+from proxy.contracts import speak_contracts
 from proxy.platform_env import LEGACY_VOLUME, PLATFORM_PORT, legacy_volume, platform_port
 from proxy.settings import (
     AdminSettings,
@@ -46,10 +48,11 @@ __all__ = [
     "VolumeSettings",
     "load_settings",
     "redacted",
+    "to_toml",
 ]
 
 ENV_PREFIX = "TTS_PROXY_"
-SECRET_KEYS = frozenset({"admin.token", "index.dsn", "index.password"})
+SECRET_KEYS = frozenset({"admin.token", "index.dsn", "index.password", "identity.api_key_secret"})
 # A token guessed at the throttle's pace (admin/guard.py) must outlast any attacker: 32 characters.
 MIN_ADMIN_TOKEN_CHARS = 32
 
@@ -162,6 +165,12 @@ def _build(cls: type[Any], table: Any, prefix: str) -> Any:
     for name in table:
         if name not in names:
             raise ConfigError(f"{prefix}{name}", "unknown setting")
+    for item in dataclasses.fields(cls):
+        required = (
+            item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        )
+        if required and item.name not in table:
+            raise ConfigError(f"{prefix}{item.name}", "is required")
     values: dict[str, Any] = {}
     for name, raw in table.items():
         kind = hints[name]
@@ -177,6 +186,15 @@ def _coerce(key: str, kind: Any, raw: Any) -> Any:
     """Turn a TOML value or an environment string into `kind`, or say why not."""
     from_env = isinstance(raw, EnvText)
     origin = get_origin(kind)
+    if origin in (types.UnionType, typing.Union):  # `T | None`: TOML has no null: a T
+        (inner,) = [arg for arg in get_args(kind) if arg is not type(None)]
+        return _coerce(key, inner, raw)
+    if origin is list and dataclasses.is_dataclass(get_args(kind)[0]):
+        return _coerce_tables(key, get_args(kind)[0], raw)
+    if origin is dict:
+        if not isinstance(raw, dict) or not all(isinstance(name, str) for name in raw):
+            raise ConfigError(key, f"expected a table, got {raw!r}")
+        return dict(raw)
     if origin is Literal:
         allowed = get_args(kind)
         if raw not in allowed:
@@ -216,6 +234,18 @@ def _coerce(key: str, kind: Any, raw: Any) -> Any:
     if origin is list or isinstance(kind, types.GenericAlias):
         return _coerce_list(key, raw)
     raise ConfigError(key, f"unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _coerce_tables(key: str, cls: Any, raw: Any) -> list[Any]:
+    """An array of tables (`[[tts.routes]]`); from the environment, a JSON list of objects."""
+    if isinstance(raw, EnvText):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(key, "expected a JSON list of objects") from None
+    if not isinstance(raw, list):
+        raise ConfigError(key, f"expected an array of tables, got {raw!r}")
+    return [_build(cls, table, f"{key}[{n}].") for n, table in enumerate(raw)]
 
 
 def _coerce_list(key: str, raw: Any) -> list[str]:
@@ -339,6 +369,7 @@ def _validate(settings: Settings) -> None:
             "cache.volume.path",
             "must be /Volumes/<catalog>/<schema>/<volume> for databricks (or DATABRICKS_VOLUME)",
         )
+    speak_contracts(settings)  # each route's declaration, checked as the app will build it
 
 
 def _check_url(key: str, url: str) -> None:
@@ -373,35 +404,3 @@ def _strip_userinfo(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def to_toml(
-    tree: Mapping[str, Any], prefix: str = "", notes: Mapping[str, str] | None = None
-) -> str:
-    """Render a nested settings dict as TOML (values, then sub-tables); `notes` as comments."""
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            tables.append((f"{prefix}{name}", value))
-        else:
-            note = (notes or {}).get(f"{prefix}{name}")
-            lines.append(f"{name} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
-    out = ""
-    if prefix and lines:
-        out += f"[{prefix.rstrip('.')}]\n"
-    if lines:
-        out += "\n".join(lines) + "\n\n"
-    for dotted, table in tables:
-        out += to_toml(table, dotted + ".", notes)
-    return out
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))

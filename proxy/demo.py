@@ -25,6 +25,8 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.demo_page import INDEX_HTML
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE: Final = 22_050
@@ -320,81 +322,4 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _index(request: web.Request) -> web.Response:
-    return web.Response(text=_INDEX_HTML, content_type="text/html")
-
-
-_INDEX_HTML: Final = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>TTS demo backend</title>
-<style>
-  body { font-family: system-ui, sans-serif; max-width: 44rem; margin: 2rem auto; padding: 0 1rem; }
-  textarea, input, select { font: inherit; width: 100%; box-sizing: border-box; }
-  textarea, input, select { margin: .2rem 0 .8rem; }
-  label.inline input { width: auto; }
-  pre { background: #f4f4f4; padding: .6rem; white-space: pre-wrap; }
-</style>
-</head>
-<body>
-<h1>TTS demo backend</h1>
-<p>This is the <strong>offline demo</strong> of the legacy chat backend that the TTS cache proxy
-sits in front of. It answers <code>POST /api/tts/speak</code> with the legacy contract, but makes
-its audio locally (espeak-ng when installed, otherwise a synthesized tone per word) as
-<code>audio/wav</code>. It never caches: open this page through the proxy, tick
-"save to volume" and speak the same message twice to see <code>X-TTS-Cache: hit</code>.</p>
-<form id="speak">
-  <label>Text <textarea name="text" rows="3">Hello from the demo backend.</textarea></label>
-  <label>Voice
-    <select name="voice">
-      <option>af_nicole</option><option>af_bella</option><option>am_adam</option>
-      <option>bf_emma</option><option>bm_george</option><option>aura-2-thalia-en</option>
-    </select>
-  </label>
-  <label>Message id <input name="message_id" value="m-1"></label>
-  <label>Thread id <input name="thread_id" value="t-1"></label>
-  <label class="inline"><input type="checkbox" name="save_to_volume" checked> save to volume</label>
-  <p><button type="submit">Speak</button></p>
-</form>
-<audio id="player" controls></audio>
-<pre id="result">Headers appear here.</pre>
-<p><button id="events">Listen to /api/events</button></p>
-<pre id="ticks"></pre>
-<script>
-const form = document.getElementById("speak");
-form.addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const data = new FormData(form);
-  const body = {
-    text: data.get("text"), voice: data.get("voice"), provider: "replicate",
-    message_id: data.get("message_id"), thread_id: data.get("thread_id"),
-    save_to_volume: data.get("save_to_volume") === "on",
-  };
-  const started = performance.now();
-  const response = await fetch("/api/tts/speak", {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-  });
-  const audio = await response.blob();
-  const elapsed = (performance.now() - started).toFixed(0);
-  const lines = [`${response.status} in ${elapsed} ms, ${audio.size} bytes`];
-  for (const name of ["content-type", "x-tts-provider", "x-tts-cache", "x-tts-cache-tier"]) {
-    lines.push(`${name}: ${response.headers.get(name)}`);
-  }
-  document.getElementById("result").textContent = lines.join("\\n");
-  if (response.ok) {
-    const player = document.getElementById("player");
-    player.src = URL.createObjectURL(audio);
-    player.play();
-  }
-});
-document.getElementById("events").addEventListener("click", () => {
-  const ticks = document.getElementById("ticks");
-  ticks.textContent = "";
-  const source = new EventSource("/api/events?count=5&interval=1");
-  source.onmessage = (event) => { ticks.textContent += event.data + "\\n"; };
-  source.onerror = () => source.close();
-});
-</script>
-</body>
-</html>
-"""
+    return web.Response(text=INDEX_HTML, content_type="text/html")

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import signal
+from typing import Any
 
 from aiohttp import web
 
-from proxy.config import Settings
+from proxy.config import Settings, load_settings
+from proxy.demo_page import DEMO_USER
 from proxy.listen import listening
+
+
+def demo_settings(config: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> Settings:
+    """The demo's settings: `tts.save_by_default` is on unless the file or environment say.
+
+    The app's current client sends no `save_to_volume`; the demo caches such calls so that its
+    page and its banner show a hit. The product's default stays off (README, "Content keys").
+    """
+    sources: dict[str, str] = {}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    settings = load_settings(config, overrides=given, sources=sources)
+    if sources.get("tts.save_by_default") == "default":
+        tts = dataclasses.replace(settings.tts, save_by_default=True)
+        settings = dataclasses.replace(settings, tts=tts)
+    return settings
 
 
 async def run_demo(settings: Settings, backend_port: int) -> None:
@@ -48,23 +67,34 @@ def demo_banner(host: str, port: int, backend_port: int) -> str:
         '{"text": "Hello from the cache", "voice": "af_nicole", '
         '"message_id": "m-1", "thread_id": "t-1", "save_to_volume": true}'
     )
+    identity = f"-H 'X-Forwarded-Email: {DEMO_USER}'"
     speak = (
         f"curl -s -o /dev/null -D - -X POST http://{host}:{port}/api/tts/speak "
-        f"-H 'Content-Type: application/json' -H 'X-Forwarded-Email: demo@example.com' "
-        f"-d '{body}'"
+        f"-H 'Content-Type: application/json' {identity} -d '{body}'"
+    )
+    today = (
+        f"curl -s -o /dev/null -D - -X POST http://{host}:{port}/api/tts/speak "
+        f"-H 'Content-Type: application/json' {identity} "
+        '-d \'{"text": "Hello again", "provider": "replicate", "voice": "af_nicole"}\''
     )
     return "\n".join(
         [
             f"demo backend on http://{host}:{backend_port}, proxy on http://{host}:{port}",
+            "",
+            f"In a browser: http://{host}:{port}/ and press Speak twice (miss, then hit).",
             "",
             "1. the first call is a miss (X-TTS-Cache: miss):",
             f"   {speak}",
             "2. the same call again is a hit (X-TTS-Cache: hit):",
             f"   {speak}",
             "3. the audio, cached, by its Content-Location (Range works too):",
-            f"   curl -s -o hello.wav -H 'X-Forwarded-Email: demo@example.com' "
+            f"   curl -s -o hello.wav {identity} "
             f"http://{host}:{port}/_proxy/audio/t-1/m-1/af_nicole",
+            "4. today's client sends no ids and no save_to_volume: keyed by its text, cached",
+            "   because the demo sets tts.save_by_default = true (the product's default is false):",
+            f"   {today}",
             "",
+            f"{DEMO_USER} is a demo identity: the gateway names the user in production.",
             "Ctrl-C stops both.",
         ]
     )

@@ -8,6 +8,7 @@ from typing import Final
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from proxy.reasons import Reason
 from proxy.speak import CacheKey
 from proxy.storage.entry import EntryMeta, stored_header
 
@@ -30,10 +31,25 @@ X_REAL_IP: Final = istr("X-Real-Ip")
 # RFC 9110 7.6.3: the protocol and name this proxy adds to Via, both ways.
 VIA: Final = "1.1 tts-cache-proxy"
 
-DISABLED: Final[dict[str, str]] = {
-    X_TTS_CACHE: "disabled",
-    CACHE_STATUS: f"{CACHE_NAME}; fwd=bypass",
+
+def disabled_status(reason: Reason) -> str:
+    """Cache-Status of a call forwarded without the cache (RFC 9211 2.2, 2.8): why, as a token."""
+    return f"{CACHE_NAME}; fwd=bypass; detail={reason.value}"
+
+
+# Built once per reason: a disabled answer copies one of these.
+_DISABLED: Final[dict[Reason, dict[str, str]]] = {
+    reason: {X_TTS_CACHE: "disabled", CACHE_STATUS: disabled_status(reason)} for reason in Reason
 }
+# The reason a disabled answer's Cache-Status names, for the access log (a lookup, no parsing).
+REASON_OF_STATUS: Final[dict[str, str]] = {
+    disabled_status(reason): reason.value for reason in Reason
+}
+
+
+def disabled_headers(reason: Reason) -> dict[str, str]:
+    """The headers of a speak call forwarded without the cache, saying why."""
+    return _DISABLED[reason]
 
 
 def cache_headers(key: CacheKey, outcome: str, cache_status: str) -> dict[str, str]:

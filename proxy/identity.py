@@ -15,8 +15,11 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.admin.session import COOKIE_NAME as ADMIN_COOKIE
+from proxy.api_keys import ApiKeyUsers
 from proxy.config import IdentitySettings
 from proxy.headers import X_FORWARDED_FOR, X_REAL_IP
+from proxy.reasons import Reason
+from proxy.speak import valid_id
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Connection values that name no header but the hop-by-hop ones (checked without parsing).
@@ -73,6 +76,7 @@ class IdentityResolver:
         self._clock = clock
         # Identities without a token are the same few users over and over: made once each.
         self._tokenless: dict[str, Identity] = {}
+        self._api_keys = ApiKeyUsers(settings.api_key_secret)
 
     def trusted_peer(self, request: web.BaseRequest) -> bool:
         """True when the TCP peer is inside `identity.trusted_proxies`."""
@@ -128,22 +132,41 @@ class IdentityResolver:
 
     def resolve(self, request: web.BaseRequest, *, trusted: bool | None = None) -> Identity | None:
         """The requesting user, or None when there is none to believe."""
-        if self.mode == "none":
-            return None
+        found = self.identify(request, trusted=trusted)
+        return None if isinstance(found, Reason) else found
+
+    def identify(
+        self, request: web.BaseRequest, *, trusted: bool | None = None, mode: str | None = None
+    ) -> Identity | Reason:
+        """The requesting user, or the reason none is believed (for `Cache-Status`).
+
+        `mode` is a route's own identity mode, when it has one; else `identity.mode`. A user a
+        gateway names must be a valid id: the "_" segments are the cache's own (speak.py).
+        """
+        mode = self.mode if mode is None else mode
+        if mode == "api-key":
+            user = self._api_keys.user_of(request.headers.getall(hdrs.AUTHORIZATION, ()))
+            return user if isinstance(user, Reason) else Identity(user=user)
+        if mode == "none":
+            return Reason.IDENTITY_OFF
         if not (self.trusted_peer(request) if trusted is None else trusted):
-            return None
+            return Reason.UNTRUSTED_PEER
         headers = request.headers
         users = headers.getall(self.user_header, ())
+        if not users:
+            return Reason.NO_IDENTITY
         if len(users) != 1 or "," in users[0]:
-            return None  # none, or several: a gateway that appends must not choose for us
+            return Reason.AMBIGUOUS_IDENTITY  # a gateway that appends must not choose for us
         user = users[0].strip()
         if not user:
-            return None
+            return Reason.NO_IDENTITY
+        if not valid_id(user):
+            return Reason.INVALID_ID
         token: str | None = None
         if self.token_header is not None:
             tokens = headers.getall(self.token_header, ())
             if len(tokens) > 1 or (tokens and "," in tokens[0]):
-                return None
+                return Reason.AMBIGUOUS_IDENTITY
             token = tokens[0] if tokens else None
         if token:
             return Identity(user=user, token=token)
@@ -262,7 +285,8 @@ def loopback_trust_warning(host: str, identity: IdentitySettings) -> str | None:
     Behind a container runtime or a load balancer every peer is outside loopback, so such a
     proxy believes no identity: every speak call is `disabled` and the backend loses its user.
     """
-    if identity.mode == "none" or not _listens_beyond_loopback(host):
+    # Modes that believe no gateway (none, api-key) have nothing to warn about.
+    if identity.mode in ("none", "api-key") or not _listens_beyond_loopback(host):
         return None
     networks = [ipaddress.ip_network(cidr, strict=False) for cidr in identity.trusted_proxies]
     if any(not network.is_loopback for network in networks):

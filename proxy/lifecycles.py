@@ -17,6 +17,7 @@ from proxy.admin.history import History
 from proxy.admin.pages import AdminPages
 from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES
 from proxy.config import IndexSettings, Settings
+from proxy.contracts import speak_contracts
 from proxy.fleet.group import SiblingServer
 from proxy.fleet.setup import group_view, start_broadcast
 from proxy.fleet.view import Sampler
@@ -251,6 +252,7 @@ async def handlers(app: web.Application) -> AsyncIterator[None]:
         passthrough=app[PASSTHROUGH],
         # Speak misses hold an ordinary upstream slot, as any other request does.
         synthesizer=SlottedUpstream(app.get(SYNTHESIZER, upstream), app[SLOTS]),
+        direct=SlottedUpstream(upstream, app[SLOTS]),
         stats=app[STATS],
         index=app.get(INDEX),
         index_lookup=app.get(INDEX_LOOKUP),
@@ -277,7 +279,10 @@ async def handlers(app: web.Application) -> AsyncIterator[None]:
         broadcast=broadcast,
         view=app[GROUP_VIEW],
     )
-    app[AUDIO_URL] = AudioUrl(identity=app[IDENTITY], cache=app[CACHE], ownership=ownership)
+    modes = {c.identity for c in speak_contracts(settings)} - {settings.identity.mode, "none"}
+    app[AUDIO_URL] = AudioUrl(
+        identity=app[IDENTITY], cache=app[CACHE], ownership=ownership, modes=tuple(sorted(modes))
+    )
     yield
 
 

@@ -12,32 +12,71 @@ from typing import Final
 
 from cachetools import TTLCache
 
+from proxy.contracts import Contract, legacy_contract
 from proxy.headers import X_TTS_FALLBACK, X_TTS_PROVIDER
-from proxy.speak import CacheKey, SpeakRequest
+from proxy.reasons import Reason
+from proxy.settings import Settings
+from proxy.speak import SHARED_USER, CacheKey, SpeakRequest, valid_id
 from proxy.storage.entry import EntryMeta
 
 # How long a request counts towards cache.min_uses, and how many keys are counted at once.
 USE_WINDOW_SECONDS: Final = 86_400.0
 MAX_COUNTED_KEYS: Final = 100_000
+# The legacy contract with the default settings: what `cacheable_key` judges by.
+_LEGACY: Final = legacy_contract("/api/tts/speak", Settings())
 
 
 def cacheable_key(
     speak: SpeakRequest, user: str | None, *, max_text_chars: int = 0
 ) -> CacheKey | None:
-    """The key of a speak call that may be cached, else None.
+    """The message key of a legacy call that may be cached, else None (`decide` says why)."""
+    if not user:
+        return None
+    decided = decide(
+        _LEGACY, speak, user, text_sha256=speak.text_sha256(), max_text_chars=max_text_chars
+    )
+    return None if isinstance(decided, Reason) or decided.is_content else decided
 
-    Cacheable: a user the identity rules believe, both ids, `save_to_volume: true`, a text that is
-    not blank and not longer than `max_text_chars` (0: no limit; long texts such as LLM replies are
-    rarely replayed), and every key part a valid id (they become path segments).
+
+def decide(
+    contract: Contract,
+    speak: SpeakRequest,
+    user: str,
+    *,
+    text_sha256: str,
+    max_text_chars: int,
+) -> CacheKey | Reason:
+    """The key of a speak call from a believed `user`, or the reason it may not be cached.
+
+    Cacheable: the save flag `true` (or no such field and the route's `save_by_default`; any
+    other value present is a refusal, and always wins), a body the contract can key, a text
+    that is not blank and not longer than `max_text_chars` (0: no limit; long texts such as
+    LLM replies are rarely replayed), and every key part a safe path segment. With both ids the
+    key is the message's (as the legacy plan keys it; one id alone is refused); with neither,
+    the content key:
+    (user, or the shared scope, text sha256, voice plus a hash of the route, the provider named
+    and every other declared field). The checks run in the order `Reason` lists them.
     """
-    if not (user and speak.message_id and speak.thread_id and speak.save_to_volume):
-        return None
+    if speak.save_said:
+        if not speak.save_to_volume:
+            return Reason.SAVE_OFF
+    elif not contract.save_by_default:
+        return Reason.SAVE_DEFAULT_OFF
+    if speak.problem is not None:
+        return speak.problem
     if not speak.text.strip():
-        return None
+        return Reason.NO_TEXT
     if max_text_chars > 0 and len(speak.text) > max_text_chars:
-        return None
-    key = CacheKey(user, speak.thread_id, speak.message_id, speak.voice)
-    return key if key.valid() else None
+        return Reason.TEXT_TOO_LONG
+    if speak.message_id is not None or speak.thread_id is not None:
+        if not (speak.message_id and speak.thread_id):
+            return Reason.INVALID_ID  # one id without the other names no message
+        key = CacheKey(user, speak.thread_id, speak.message_id, speak.voice)
+        # The thread strictly a valid id: "_text" is the content keys' folder, not a thread.
+        return key if key.valid() and valid_id(speak.thread_id) else Reason.INVALID_ID
+    owner = SHARED_USER if contract.scope == "shared" else user
+    key = CacheKey.content(owner, text_sha256, contract.variant(speak))
+    return key if key.valid() else Reason.INVALID_ID
 
 
 def storable_head(

@@ -13,6 +13,7 @@ from typing import Final
 from aiohttp import web
 
 from proxy.headers import X_REQUEST_ID
+from proxy.speak import CacheKey
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER: Final = X_REQUEST_ID
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 UPSTREAM_SECONDS: Final = web.RequestKey("upstream_seconds", float)
+# The key of the entry a response concerns (speak calls, audio URLs), for the access log's hash.
+CACHE_KEY: Final = web.RequestKey("cache_key", CacheKey)
 
 # A client's id is passed through only when it looks like an id: no spaces, no text, bounded.
 _SANE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 class ConfigError(Exception):
@@ -54,24 +54,55 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class RouteSettings:
+    """One speak route of `[[tts.routes]]`: a path and the contract its JSON bodies follow.
+
+    Unset (None) fields take the named contract's value (`proxy/contracts.py`); a field path
+    set to "" means the body has no such field. Field paths are dotted (`options.voice`).
+    """
+
+    path: str
+    contract: Literal["legacy", "openai", "custom"]
+    scope: Literal["user", "shared"] = "user"
+    identity: Literal["forwarded", "header", "none", "api-key"] | None = None
+    save_by_default: bool | None = None
+    text: str | None = None
+    voice: str | None = None
+    default_voice: str | None = None
+    provider: str | None = None
+    message_id: str | None = None
+    thread_id: str | None = None
+    save: str | None = None
+    key_fields: list[str] | None = None
+    key_defaults: dict[str, Any] | None = None
+    ignore_fields: list[str] | None = None
+    undeclared: Literal["bypass", "ignore"] | None = None
+    strip_text: bool | None = None
+
+
+@dataclass(frozen=True)
 class TtsSettings:
-    """The /speak contract."""
+    """The speak routes and what their bodies may hold."""
 
     speak_paths: list[str] = field(default_factory=lambda: ["/api/tts/speak"])
     max_body_bytes: int = 1_048_576
     body_timeout_seconds: float = 30.0
     default_voice: str = "af_nicole"
     forward_save_to_volume: bool = False
+    save_by_default: bool = False
     clean_text: Literal["none", "basic"] = "basic"
+    routes: list[RouteSettings] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class IdentitySettings:
     """Who is asking, and whom to believe."""
 
-    mode: Literal["forwarded", "header", "none"] = "forwarded"
+    mode: Literal["forwarded", "header", "none", "api-key"] = "forwarded"
     user_header: str = "X-Forwarded-Email"
     token_header: str = "X-Forwarded-Access-Token"
+    # The key of the HMAC that turns a bearer API key into a user (identity "api-key").
+    api_key_secret: str = ""
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # Headers a gateway sets about the caller: dropped when the peer is not a trusted proxy
     # (the user and token headers always are), and never removed because Connection names them.

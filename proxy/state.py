@@ -10,6 +10,7 @@ from proxy.admin.api import AdminApi
 from proxy.admin.entries import EntryBrowser
 from proxy.admin.history import History
 from proxy.config import Settings
+from proxy.contracts import Contract
 from proxy.fill import Flights
 from proxy.fleet.broadcast import Broadcast
 from proxy.fleet.group import WorkerGroup
@@ -24,6 +25,7 @@ from proxy.janitor import Janitor
 from proxy.limits import ClientLimit, UpstreamSlots
 from proxy.metrics import Metrics
 from proxy.readiness import Readiness
+from proxy.request_context import Handler
 from proxy.routes.audio import AudioUrl
 from proxy.routes.passthrough import Passthrough
 from proxy.routes.speak import SpeakHandler
@@ -75,19 +77,23 @@ def get_state(app: web.Application, key: web.AppKey[T]) -> T:
 
 
 class SpeakRoute:
-    """The speak paths' handler: the speak handler, which is built at start (see _handlers)."""
+    """The speak routes' handler: the speak handler, which is built at start (see lifecycles)."""
 
     __slots__ = ("target",)
 
     def __init__(self) -> None:
         self.target: SpeakHandler | None = None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """A POST to a speak path: the speak handler decides."""
-        target = self.target
-        if target is None:
-            raise RuntimeError("the speak handler is not set up: did the app start?")
-        return await target.handle(request)
+    def handler_for(self, contract: Contract) -> Handler:
+        """The handler of one speak route: the speak handler, told the route's contract."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            target = self.target
+            if target is None:
+                raise RuntimeError("the speak handler is not set up: did the app start?")
+            return await target.handle(request, contract)
+
+        return handle
 
 
 SPEAK_ROUTE: Final = web.AppKey("speak_route", SpeakRoute)

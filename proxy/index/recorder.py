@@ -80,7 +80,8 @@ class EntryRecorder:
             self._keep(key, Unrecorded(meta, path, 0))
             raise
         self.unrecorded.pop(key, None)  # an older recording still waiting is superseded
-        if self.legacy is not None:
+        # chat_messages has a row per message: a content key (a text's recording) has none.
+        if self.legacy is not None and not key.is_content:
             await self.legacy.write_metadata(key, path, meta.provider, meta.created_at)
 
     def start(self) -> None:
@@ -124,7 +125,7 @@ class EntryRecorder:
             if self.unrecorded.get(key) is kept:
                 del self.unrecorded[key]
             written += 1
-            if self.legacy is not None:
+            if self.legacy is not None and not key.is_content:
                 with contextlib.suppress(IndexUnavailable):
                     await self.legacy.write_metadata(
                         key, kept.path, kept.meta.provider, kept.meta.created_at

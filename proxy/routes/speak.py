@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,10 +11,11 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config import Settings
+from proxy.contracts import Contract
 from proxy.fill import Fill, FlightKey, Flights
 from proxy.headers import (
-    DISABLED,
     age_of,
+    disabled_headers,
     for_origin,
     hit_headers,
     origin_bound,
@@ -25,8 +25,10 @@ from proxy.index.entries import PostgresIndex
 from proxy.index.lookup import IndexLookup
 from proxy.janitor import Janitor
 from proxy.ownership import OwnershipCheck
-from proxy.policy import Admission, cacheable_key, entry_matches
+from proxy.policy import Admission, decide, entry_matches
+from proxy.reasons import Reason
 from proxy.request_context import (
+    CACHE_KEY,
     REQUEST_ID_HEADER,
     client_or_new_id,
     request_id,
@@ -58,11 +60,11 @@ PARSED_BODY_LIMIT: Final = 2048
 
 
 class ParsedSpeak(NamedTuple):
-    """A speak body read once: its JSON, its fields, its key for this user (None: not cacheable)."""
+    """A speak body read once: its JSON, its fields, its key for this user or why it has none."""
 
     document: dict[str, Any] | None
     speak: SpeakRequest | None
-    key: CacheKey | None
+    key: CacheKey | Reason
     text_sha256: str
 
     def matches(self, meta: EntryMeta) -> bool:
@@ -98,7 +100,10 @@ class SpeakHandler:
     flights: Flights
     passthrough: Passthrough
     synthesizer: Upstream
+    """Who answers a legacy contract's miss: upstream.kind's synthesizer."""
     stats: CacheStats
+    direct: Upstream | None = None
+    """Who answers any other contract's miss: upstream.url (None: the synthesizer)."""
     index: PostgresIndex | None = None
     index_lookup: IndexLookup | None = None
     ownership: OwnershipCheck | None = None
@@ -108,16 +113,14 @@ class SpeakHandler:
     _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
-    _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
+    _parsed: dict[tuple[str, str, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
-        if self.identity.mode == "none":
-            self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request)
-            return await self.passthrough.forward(request, headers, extra_headers=DISABLED)
+    async def handle(self, request: web.Request, contract: Contract) -> web.StreamResponse:
+        """Answer a POST to a speak route: hit, joined or new fill, or forwarded untouched."""
+        if contract.identity == "none":
+            return await self._disabled(request, Reason.IDENTITY_OFF)
         # 1. the body, bounded
         limit = self.settings.tts.max_body_bytes
         content = request.content
@@ -141,16 +144,24 @@ class SpeakHandler:
                 self.stats.errors["body_timeout"] += 1
                 return await body_timed_out(request)
         # 2-4. what is asked, by whom, and whether it may be cached
-        identity = self.identity.resolve(request)
-        parsed = self._parse(body, identity.user if identity else None)
+        identity = self.identity.identify(request, mode=contract.identity)
+        if isinstance(identity, Reason):
+            return await self._disabled(request, identity, body)
+        parsed = self._parse(contract, body, identity.user)
         key = parsed.key
-        if key is not None and self.ownership is not None and not await self.ownership.allows(key):
-            key = None  # fail closed: what cannot be verified is neither served nor stored
+        if isinstance(key, Reason):
+            return await self._disabled(request, key, body)
+        if (
+            self.ownership is not None
+            and not key.is_content
+            and not await self.ownership.allows(key)
+        ):
+            # fail closed: what cannot be verified is neither served nor stored (a content key
+            # names no message: it is the user's by construction)
+            return await self._disabled(request, Reason.OWNERSHIP_UNCONFIRMED, body)
+        request[CACHE_KEY] = key  # for the access log's hash of the key
         document, speak, text_sha = parsed.document, parsed.speak, parsed.text_sha256
-        if document is None or speak is None or key is None:
-            self.stats.disabled += 1
-            headers = self.identity.forwardable_headers(request)
-            return await self.passthrough.forward(request, headers, body, extra_headers=DISABLED)
+        assert document is not None and speak is not None  # a key comes from a read body
 
         # 5. memory: the hot path, with no await unless an index records the hit
         entry = self.cache.get_memory(key)
@@ -197,7 +208,9 @@ class SpeakHandler:
                 raw_path=request.raw_path,
                 headers=headers,
                 request_id=request_id(request),
-                body=self._upstream_body(body, document),
+                body=contract.upstream_body(
+                    body, document, keep_save=self.settings.tts.forward_save_to_volume
+                ),
                 speak=speak,
                 identity=identity,
             )
@@ -216,7 +229,12 @@ class SpeakHandler:
             # when it already makes the fill too large to join.
             reader = fill.reader()
             try:
-                await self.flights.lead(flight, fill, self.synthesizer)
+                synthesizer = (
+                    self.direct
+                    if contract.synthesizer == "http" and self.direct is not None
+                    else self.synthesizer
+                )
+                await self.flights.lead(flight, fill, synthesizer)
             except BaseException:
                 reader.close()
                 raise
@@ -225,6 +243,17 @@ class SpeakHandler:
             log.debug("miss %s: joined a fill", key.digest())
             reader = fill.reader()
         return await stream_fill(request, fill, reader, key, collapsed=collapsed)
+
+    async def _disabled(
+        self, request: web.Request, reason: Reason, body: bytes | None = None
+    ) -> web.StreamResponse:
+        """Forward the call untouched, saying why it was not cached."""
+        self.stats.disabled += 1
+        log.debug("disabled: %s", reason.value)
+        headers = self.identity.forwardable_headers(request)
+        return await self.passthrough.forward(
+            request, headers, body, extra_headers=disabled_headers(reason)
+        )
 
     async def _volume_hit(
         self,
@@ -303,19 +332,26 @@ class SpeakHandler:
         elif self.janitor is not None:
             self.janitor.record_hit(key)
 
-    def _parse(self, body: bytes, user: str | None) -> ParsedSpeak:
+    def _parse(self, contract: Contract, body: bytes, user: str) -> ParsedSpeak:
         """What a body asks for, from whom; remembered, since replays send the same bytes."""
-        memo_key = (user, body)
+        memo_key = (contract.path, user, body)
         parsed = self._parsed.get(memo_key)
         if parsed is not None:
             return parsed
         document = parse_json_object(body)
-        speak = key = None
+        speak = None
+        key: CacheKey | Reason = Reason.NOT_JSON
         text_sha = ""
         if document is not None:
-            speak = SpeakRequest.from_json(document, self.settings.tts.default_voice)
-            key = cacheable_key(speak, user, max_text_chars=self.settings.cache.max_text_chars)
-            text_sha = speak.text_sha256()
+            speak = contract.read(document)
+            text_sha = contract.text_sha256(speak.text)
+            key = decide(
+                contract,
+                speak,
+                user,
+                text_sha256=text_sha,
+                max_text_chars=self.settings.cache.max_text_chars,
+            )
         parsed = ParsedSpeak(document, speak, key, text_sha)
         if len(body) <= PARSED_BODY_LIMIT:
             if len(self._parsed) >= PARSED_ENTRIES:
@@ -352,12 +388,6 @@ class SpeakHandler:
             self.stats.errors["disk_full"] += 1  # low disk: serve, do not fill it further
             return False
         return True
-
-    def _upstream_body(self, body: bytes, document: dict[str, Any]) -> bytes:
-        if self.settings.tts.forward_save_to_volume or "save_to_volume" not in document:
-            return body
-        trimmed = {k: v for k, v in document.items() if k != "save_to_volume"}
-        return json.dumps(trimmed, ensure_ascii=False).encode()
 
     def _commit(self, key: CacheKey, entry: Entry) -> None:
         self.stats.stored += 1

@@ -1,8 +1,11 @@
 """The Volume layout every Volume shares: paths, object names, and the sidecar codec.
 
-`{base}/{user}/{thread}/{message}/{voice}.{ext}` beside `{voice}.meta.json`. Ids are checked with
-`valid_id` before they become path segments; the object name is rebuilt from the key and the
-content type, never read from a file, so a tampered sidecar cannot point outside its folder.
+`{base}/{user}/{thread}/{message}/{voice}.{ext}` beside `{voice}.meta.json`; a content key's
+entry is `{base}/{user}/_text/{text sha256}/{variant}.{ext}` (under `_shared` in the shared
+scope), so purging a user, the janitor's walks and the index treat both alike. Every segment is
+checked (`valid_id`, or one of the key's own "_" segments in its place) before it becomes a
+path; the object name is rebuilt from the key and the content type, never read from a file, so
+a tampered sidecar cannot point outside its folder.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from proxy.speak import CacheKey, valid_id
+from proxy.speak import CacheKey, valid_id, valid_thread_segment, valid_user_segment
 from proxy.storage.entry import EntryMeta
 
 _EXTENSIONS: Final = {
@@ -76,10 +79,13 @@ def prefix_parts(user: str, thread_id: str | None, message_id: str | None) -> li
     """The path segments of a user's, a thread's or a message's folder; ValueError if invalid."""
     if message_id is not None and thread_id is None:
         raise ValueError("message_id needs thread_id")
-    parts = [part for part in (user, thread_id, message_id) if part is not None]
-    if not all(valid_id(part) for part in parts):
+    if not valid_user_segment(user):
         raise ValueError("invalid id")
-    return parts
+    if thread_id is not None and not valid_thread_segment(thread_id):
+        raise ValueError("invalid id")
+    if message_id is not None and not valid_id(message_id):
+        raise ValueError("invalid id")
+    return [part for part in (user, thread_id, message_id) if part is not None]
 
 
 def prefix_segments(prefix: str) -> list[str]:

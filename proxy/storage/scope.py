@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.speak import CacheKey, valid_id
+from proxy.speak import CacheKey, valid_id, valid_thread_segment, valid_user_segment
 
 _PARTS = ("user", "thread", "message", "voice")
+# Each part's check: a valid id, or one of the key's own "_" segments in its place (speak.py).
+_VALID = (valid_user_segment, valid_thread_segment, valid_id, valid_id)
 
 
 class BadScope(ValueError):
@@ -50,8 +52,8 @@ class Scope:
         for index, part in enumerate(parts[1:], start=1):
             if part is not None and parts[index - 1] is None:
                 raise BadScope(f"{_PARTS[index]} needs {_PARTS[index - 1]}")
-        for name, part in zip(_PARTS, parts, strict=True):
-            if part is not None and not valid_id(part):
+        for name, part, valid in zip(_PARTS, parts, _VALID, strict=True):
+            if part is not None and not valid(part):
                 raise BadScope(f"invalid {name}")
         return cls(user, thread_id, message_id, voice)
 
@@ -61,7 +63,7 @@ class Scope:
 
         def part(name: str) -> str | None:
             value = values.get(name, "").strip()
-            return value if valid_id(value) else None
+            return value if _VALID[_PARTS.index(name)](value) else None
 
         return cls(part("user"), part("thread"), part("message"), part("voice"))
 

@@ -282,3 +282,37 @@ def _fits(chrome: Any) -> bool:
             "return document.documentElement.scrollWidth <= window.innerWidth + 1"
         )
     )
+
+
+def test_a_content_entry_is_listed_as_text_and_plays(
+    chrome: Any, stack: LiveStack, tmp_path: Path
+) -> None:
+    demo = stack.add(create_demo_app(use_espeak=False))
+    settings = settings_for(
+        tmp_path, demo.url, **{"admin.token": TOKEN, "tts.save_by_default": True}
+    )
+    proxy = stack.proxy(settings)
+    body = {"text": "Keyed by its text, played in a browser", "voice": "af_nicole"}
+    assert stack.speak(proxy, body).cache == "miss"
+    stack.drain(proxy)
+
+    log_in(chrome, proxy)
+    chrome.get(f"{proxy.url}{ADMIN}/entries")
+    row = chrome.find_element(By.CSS_SELECTOR, "#entries tbody tr")
+    assert row.find_element(By.CSS_SELECTOR, "[data-label=thread]").text == "text"
+    digest = row.find_element(By.CSS_SELECTOR, "[data-label=text]").text
+    assert len(digest) == 13 and digest.endswith("…")
+    assert row.find_element(By.CSS_SELECTOR, "[data-label=voice]").text == "af_nicole"
+    assert _fits(chrome)
+    click(chrome, row.find_element(By.CSS_SELECTOR, "a.play"))
+    assert "its text" in text_of(chrome, "entry")
+    player = chrome.find_element(By.ID, "player")
+    assert "/_proxy/admin/audio/alice@example.com/_text/" in player.get_attribute("src")
+    WebDriverWait(chrome, 10).until(
+        lambda d: d.execute_script(
+            "return arguments[0].readyState >= 2 || arguments[0].error !== null", player
+        )
+    )
+    assert chrome.execute_script("return arguments[0].error", player) is None
+    chrome.set_window_size(390, 844)
+    assert _fits(chrome)

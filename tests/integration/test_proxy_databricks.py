@@ -330,3 +330,28 @@ async def test_metrics_count_files_api_calls_and_the_wait_for_the_limiter(
     assert 'tts_proxy_volume_calls_total{method="PUT",outcome="2xx"} 2.0' in text  # object, sidecar
     assert 'tts_proxy_volume_calls_total{method="GET",' in text
     assert "tts_proxy_volume_call_wait_seconds_total " in text
+
+
+async def test_content_entries_on_a_databricks_volume_are_walked_and_purged(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    settings = databricks_settings(tmp_path, legacy_backend, **{"tts.save_by_default": True})
+    client = await aiohttp_client(create_app(settings))
+    without_ids = {"text": "Hello there", "provider": "replicate", "voice": "af_nicole"}
+    _, headers, audio = await speak(client, without_ids)
+    assert headers["X-TTS-Cache"] == "miss"
+    await speak(client, body())
+    await client.app[CACHE].drain()
+    digest = headers["Content-Location"].split("/")[4]
+    variant = headers["Content-Location"].split("/")[5]
+    stored = f"{VOLUME_PATH}/tts_audio/alice@example.com/_text/{digest}/{variant}.mp3"
+    assert emulator.read(stored) == audio
+    # The walks the janitor and the dashboard use find it beside the message's entry.
+    volume = client.app[VOLUME]
+    found = {(info.key.thread_id, info.key.message_id) for info in await volume.scan()}
+    assert found == {("_text", digest), ("t-1", "m-1")}
+    assert await volume.delete_prefix("alice@example.com") == 2
+    assert emulator.read(stored) is None

@@ -291,7 +291,7 @@ async def test_identity_from_an_untrusted_peer_is_ignored_and_dropped(
     for _ in range(2):
         status, headers, _ = await speak(client, body(), headers=spoofed)
         assert status == 200 and headers["X-TTS-Cache"] == "disabled"
-        assert headers["Cache-Status"] == "tts-cache-proxy; fwd=bypass"
+        assert headers["Cache-Status"] == "tts-cache-proxy; fwd=bypass; detail=untrusted-peer"
     assert legacy_backend.calls[SPEAK] == 2
     for seen in legacy_backend.speak_headers:
         assert "X-Forwarded-Email" not in seen and "X-Forwarded-Access-Token" not in seen

@@ -27,3 +27,7 @@ def test_a_trusted_gateway_range_or_no_identity_is_fine() -> None:
     gateway = IdentitySettings(trusted_proxies=["127.0.0.0/8", "172.16.0.0/12"])
     assert loopback_trust_warning("0.0.0.0", gateway) is None
     assert loopback_trust_warning("0.0.0.0", IdentitySettings(mode="none")) is None
+
+
+def test_identity_by_api_key_believes_no_gateway_so_nothing_to_warn_about() -> None:
+    assert loopback_trust_warning("0.0.0.0", IdentitySettings(mode="api-key")) is None

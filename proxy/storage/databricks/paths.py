@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.speak import CacheKey, valid_id
+from proxy.speak import CacheKey, valid_id, valid_thread_segment, valid_user_segment
 from proxy.storage.layout import prefix_parts, prefix_segments, sidecar_name
 
 
@@ -46,7 +46,10 @@ class VolumePaths:
         if not folder.startswith(self.base + "/"):
             return None
         parts = folder[len(self.base) + 1 :].split("/")
-        if len(parts) != 3 or not all(valid_id(part) for part in parts):
+        if len(parts) != 3:
+            return None
+        user, thread, message = parts
+        if not (valid_user_segment(user) and valid_thread_segment(thread) and valid_id(message)):
             return None
         return parts[0], parts[1], parts[2]
 
