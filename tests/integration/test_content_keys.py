@@ -16,7 +16,8 @@ from typing import Any
 import asyncpg
 from multidict import CIMultiDict
 
-from proxy.app import CACHE, JANITOR, create_app
+from proxy.app import create_app
+from proxy.state import CACHE, JANITOR
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import ALICE, BOB, SPEAK, TOKEN

@@ -19,7 +19,8 @@ import pytest
 from openai import AsyncOpenAI, AuthenticationError
 
 from proxy.access_log import ACCESS_LOGGER, access_log_options
-from proxy.app import CACHE, create_app
+from proxy.app import create_app
+from proxy.state import CACHE
 from tests.conftest import ServedAsInProduction, settings_for
 from tests.fakes.openai_speech import SPEECH_PATH, FakeOpenAISpeech
 
