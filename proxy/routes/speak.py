@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -12,7 +13,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config import Settings
-from proxy.fill import Fill, FlightKey, Flights
+from proxy.fill import Fill, FillReader, FlightKey, Flights
+from proxy.fleet.fills import FleetFills
 from proxy.headers import (
     DISABLED,
     age_of,
@@ -105,12 +107,17 @@ class SpeakHandler:
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
+    fleet: FleetFills | None = None
     _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
     _parsed: dict[tuple[str | None, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
+
+    def __post_init__(self) -> None:
+        if self.fleet is not None:
+            self.fleet.attach(self.lead)  # the misses other workers hand this one
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer a POST to a speak path: hit, joined or new fill, or forwarded untouched."""
@@ -187,8 +194,9 @@ class SpeakHandler:
                 if served is not None:
                     return served
                 fill = self.flights.joinable(flight)
-        # 8. one fill per key
+        # 8. one fill per key (with FleetFills, one per key among the workers and replicas)
         collapsed = fill is not None
+        replayed = None
         if fill is None:
             # The upstream gets plain values: the request itself stays here, at the edge.
             headers = outgoing_headers(request, self.identity.forwardable_headers(request))
@@ -201,30 +209,59 @@ class SpeakHandler:
                 speak=speak,
                 identity=identity,
             )
-            fill = Fill(
-                key,
-                call,
-                text_sha256=text_sha,
-                max_entry_bytes=self.settings.cache.max_entry_bytes,
-                on_commit=self._commit,
-                store_allowed=self._may_store(key, text_sha),
-            )
-            self.stats.misses += 1
-            self.stats.upstream_calls += 1
-            log.debug("miss %s: fill started", key.digest())
-            # The reader first: whatever came with the head is then this client's too, even
-            # when it already makes the fill too large to join.
-            reader = fill.reader()
-            try:
-                await self.flights.lead(flight, fill, self.synthesizer)
-            except BaseException:
-                reader.close()
-                raise
+            fill, reader, replayed = await self.lead(flight, call)
         else:
             self.stats.coalesced += 1
             log.debug("miss %s: joined a fill", key.digest())
             reader = fill.reader()
-        return await stream_fill(request, fill, reader, key, collapsed=collapsed)
+        return await stream_fill(request, fill, reader, key, collapsed=collapsed, replayed=replayed)
+
+    async def lead(
+        self, flight: FlightKey, call: SpeakCall, *, sibling: bool = False
+    ) -> tuple[Fill, FillReader, Callable[[], bool] | None]:
+        """A new fill for `flight`, registered and opened: the fill, a reader from its first
+        byte, and whether it replays another process's fill (known once its head is in).
+
+        With FleetFills the fill opens through the key's owner among the workers or another
+        replica's fill when they lead it; `sibling`: another worker's miss, of a key this one
+        owns (its client is counted there)."""
+        key, text_sha, _ = flight
+        upstream: Upstream = self.synthesizer
+        on_commit, store_allowed, replayed, route = self._commit, True, None, None
+        if self.fleet is None:
+            self.stats.upstream_calls += 1
+            store_allowed = self._may_store(key, text_sha)
+        else:  # the upstream call and the admission count where the recording is made
+            route = self.fleet.miss(
+                flight,
+                sibling=sibling,
+                synthesizer=upstream,
+                commit=self._commit,
+                may_store=self._may_store,
+            )
+            upstream, on_commit, replayed = route, route.commit, route.replayed
+        fill = Fill(
+            key,
+            call,
+            text_sha256=text_sha,
+            max_entry_bytes=self.settings.cache.max_entry_bytes,
+            on_commit=on_commit,
+            store_allowed=store_allowed,
+        )
+        if route is not None:
+            route.adopt(fill)
+        if not sibling:
+            self.stats.misses += 1
+        log.debug("miss %s: fill started", key.digest())
+        # The reader first: whatever came with the head is then this client's too, even
+        # when it already makes the fill too large to join.
+        reader = fill.reader()
+        try:
+            await self.flights.lead(flight, fill, upstream)
+        except BaseException:
+            reader.close()
+            raise
+        return fill, reader, replayed
 
     async def _volume_hit(
         self,
