@@ -1,8 +1,8 @@
 """`python -m bench.fleet_replay`: the fleet at scale, as a trace-driven replay simulation.
 
 Real processes cannot be run by the thousand on one machine, so this replays a synthetic chat
-workload (`Workload`: users who get assistant messages, play most of them, replay older ones,
-double-tap some) through a model of the fleet (`Fleet`: replicas of workers, each with a
+workload (bench/chat_trace.py: users who get assistant messages, play most of them, replay older
+ones, double-tap some) through a model of the fleet (`Fleet`: replicas of workers, each with a
 byte-bounded LRU memory tier, one shared Volume, connections routed to a random replica and
 worker and kept for a while, fills shared as the proxy shares them) and counts what each part
 of the fleet would see: memory and Volume hits, syntheses, Files API calls, index statements,
@@ -15,10 +15,12 @@ NOTIFY messages and deliveries. The rules are the proxy's own (proxy/routes/spea
   a lease taken and given back, a stored notice to every other process);
 - with fleet fills a fill's recording goes into its owner's memory and a copy into every worker
   that asked for it; another replica that waited reads it from the Volume once (2 calls);
-- `memory = "owner"` models the alternative not built: each worker's memory holds only the
-  keys it owns, and a worker asks the owner's memory for the others (one socket hop).
+- `memory = "owner"` and `"copies+owner"` model the alternatives not built: only the key's
+  owner keeps it in memory and the others ask it (one socket hop), or each worker keeps its
+  copies and asks the owner's memory before the Volume.
 
-Prints one Markdown table per workload (docs/scaling.md reads them). Deterministic per seed.
+Prints two Markdown tables, the fleet as users grow and the memory alternatives
+(docs/scaling.md reads them). Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import heapq
-import math
 import random
 import sys
 from collections import Counter, OrderedDict
@@ -34,31 +35,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from bench.chat_trace import CHAT, REPLAY_HEAVY, Request, Workload, trace
+
 MIB: Final = 1024 * 1024
 # The workspace's Files API budget every replica shares (proxy/storage/databricks/limiter.py).
 FILES_API_CALLS_PER_SECOND: Final = 100.0
 READ_CALLS: Final = 2  # sidecar, object
 WRITE_CALLS: Final = 3  # object, sidecar, the listing that removes another format's object
 MISS_CALLS_WITHOUT_INDEX: Final = 1  # the sidecar's 404
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Active users of the chat app and how they use speech (every user active all along)."""
-
-    users: int
-    minutes: float = 20.0
-    message_every_seconds: float = 60.0  # a new assistant message per user, on average
-    play: float = 0.7  # share of new messages read aloud at once (a miss)
-    replays_per_minute: float = 0.5  # plays of an older message of the user's
-    recency_exponent: float = 1.0  # which older one: Zipf over recency (the latest most)
-    recency_depth: int = 50
-    history: int = 30  # messages each user already has on the Volume (earlier sessions)
-    duplicate: float = 0.05  # plays tapped twice or on a second device, 50-500 ms apart
-    median_bytes: int = 180_000  # lognormal recording sizes (about 20 s of 64 kbit/s MP3)
-    sigma: float = 0.6
-    synthesis_seconds: float = 2.0
-    seed: int = 17
 
 
 @dataclass(frozen=True)
@@ -80,63 +64,6 @@ class Fleet:
     def processes(self) -> int:
         """Worker processes in all."""
         return self.replicas * self.workers
-
-
-class Request:
-    """One speak call of the trace."""
-
-    __slots__ = ("at", "duplicate", "key", "size", "user")
-
-    def __init__(self, at: float, user: int, key: int, size: int, duplicate: bool) -> None:
-        self.at = at
-        self.user = user
-        self.key = key
-        self.size = size
-        self.duplicate = duplicate
-
-    def __lt__(self, other: Request) -> bool:
-        return self.at < other.at
-
-
-def trace(workload: Workload) -> Iterator[Request]:
-    """Every user's speak calls, in time order."""
-    return heapq.merge(*(_user_trace(workload, user) for user in range(workload.users)))
-
-
-def _user_trace(w: Workload, user: int) -> Iterator[Request]:
-    rng = random.Random(f"{w.seed}|{user}")
-    end = w.minutes * 60
-    sizes: dict[int, int] = {}
-    messages: list[int] = []
-
-    def new_message() -> int:
-        key = user * 1_000_000 + len(messages)
-        messages.append(key)
-        sizes[key] = int(w.median_bytes * math.exp(rng.gauss(0, w.sigma)))
-        return key
-
-    for _ in range(w.history):
-        new_message()
-    events: list[Request] = []
-    now = rng.expovariate(1 / w.message_every_seconds)
-    while now < end:
-        key = new_message()
-        if rng.random() < w.play:
-            events.append(Request(now, user, key, sizes[key], False))
-            if rng.random() < w.duplicate:
-                events.append(Request(now + rng.uniform(0.05, 0.5), user, key, sizes[key], True))
-        now += rng.expovariate(1 / w.message_every_seconds)
-    weights = [1 / (rank + 1) ** w.recency_exponent for rank in range(w.recency_depth)]
-    now = rng.expovariate(w.replays_per_minute / 60) if w.replays_per_minute else end
-    while now < end:
-        # The user's messages by then (the history, and those that came before `now`).
-        known = w.history + sum(1 for e in events if e.at <= now and not e.duplicate)
-        recent = messages[:known][-w.recency_depth :][::-1]
-        key = rng.choices(recent, weights=weights[: len(recent)])[0]
-        events.append(Request(now, user, key, sizes[key], False))
-        now += rng.expovariate(w.replays_per_minute / 60)
-    events.sort()
-    return iter(events)
 
 
 class Memory:
@@ -310,8 +237,8 @@ def scale_row(workload: Workload, fleet: Fleet, tally: Tally) -> str:
     files = (tally.files_reads + tally.files_writes) / seconds
     at_budget = workload.users * FILES_API_CALLS_PER_SECOND / files
     return (
-        f"| {workload.users:,} | {fleet.replicas} x {fleet.workers} | {_routing(fleet)} | "
-        f"{'on' if fleet.fleet_fills else 'off'} | {n / seconds:,.0f} | "
+        f"| {workload.name} | {workload.users:,} | {fleet.replicas} x {fleet.workers} | "
+        f"{_routing(fleet)} | {'on' if fleet.fleet_fills else 'off'} | {n / seconds:,.0f} | "
         f"{tally.outcomes['memory'] / n:.2f} | {tally.outcomes['volume'] / n:.2f} | "
         f"{tally.outcomes['joined'] / n:.3f} | {1 - synthesized / n:.2f} | {per_key:.3f} | "
         f"{files:,.0f} ({tally.files_writes / seconds:,.0f}) | {at_budget:,.0f} | "
@@ -321,11 +248,12 @@ def scale_row(workload: Workload, fleet: Fleet, tally: Tally) -> str:
 
 
 SCALE_HEADER: Final = (
-    "| users | replicas x workers | routing | fleet fills | req/s | memory hits | Volume hits "
+    "| workload | users | replicas x workers | routing | fleet fills | req/s | memory hits "
+    "| Volume hits "
     "| joined | served without synthesis | syntheses per key | Files API calls/s (writes) "
     "| users at the Files API budget | index writes/s | NOTIFY messages / deliveries per s |\n"
-    "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-    "| ---: |"
+    "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+    "| ---: | ---: |"
 )
 
 
@@ -333,7 +261,7 @@ def memory_row(workload: Workload, fleet: Fleet, tally: Tally) -> str:
     """A row of the memory table: each worker's copies, the owner's memory, or both."""
     n, seconds = tally.requests, tally.seconds
     return (
-        f"| {workload.users:,} | {fleet.replicas} x {fleet.workers} | "
+        f"| {workload.name} | {workload.users:,} | {fleet.replicas} x {fleet.workers} | "
         f"{fleet.memory_bytes // MIB} MiB | {_routing(fleet)} | {fleet.memory} | "
         f"{tally.outcomes['memory'] / n:.2f} | {tally.files_reads / seconds:,.1f} | "
         f"{tally.entries_held / max(1, tally.distinct_held):.2f} | "
@@ -342,9 +270,10 @@ def memory_row(workload: Workload, fleet: Fleet, tally: Tally) -> str:
 
 
 MEMORY_HEADER: Final = (
-    "| users | replicas x workers | memory per worker | routing | memory | memory hits "
+    "| workload | users | replicas x workers | memory per worker | routing | memory "
+    "| memory hits "
     "| Files API reads/s | copies per entry held | requests through a socket hop |\n"
-    "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
+    "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -352,10 +281,6 @@ def _routing(fleet: Fleet) -> str:
     if not fleet.connection_seconds:
         return "per request"
     return f"kept {fleet.connection_seconds:g} s"
-
-
-CHAT: Final = Workload(users=0)
-REPLAY_HEAVY: Final = replace(CHAT, replays_per_minute=3.0, recency_exponent=1.5, recency_depth=20)
 
 
 def scale_scenarios(users: Sequence[int], minutes: float) -> Iterator[tuple[Workload, Fleet]]:
@@ -384,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[1000, 3000, 10000])
     parser.add_argument("--minutes", type=float, default=20.0, help="simulated minutes")
     args = parser.parse_args(argv)
-    print(f"Workloads: chat = {CHAT}; replay-heavy: the same with {REPLAY_HEAVY}.\n")
+    for shape in (CHAT, REPLAY_HEAVY):
+        print(f"- {shape.name}: {replace(shape, minutes=args.minutes).describe()}")
+    print()
     print(SCALE_HEADER)
     for workload, fleet in scale_scenarios(args.users, args.minutes):
         print(scale_row(workload, fleet, simulate(workload, fleet)), flush=True)
