@@ -40,6 +40,7 @@ from proxy.fleet.wire import (
     frame_prefix,
     read_error,
 )
+from proxy.headers import X_TTS_PROVIDER
 from proxy.storage.entry import Entry
 from proxy.upstreams.base import UpstreamError
 from proxy.upstreams.http import end_to_end
@@ -109,6 +110,8 @@ async def _send_entry(out: FrameWriter, entry: Entry) -> None:
     meta = entry.meta
     headers = [(hdrs.CONTENT_TYPE, meta.content_type), *meta.headers]
     headers.append((hdrs.CONTENT_LENGTH, str(meta.length)))
+    if meta.provider and not any(name.lower() == "x-tts-provider" for name, _ in meta.headers):
+        headers.append((X_TTS_PROVIDER, meta.provider))  # the asker judges it as a fill's head
     head = Head(meta.status, None, tuple(headers), None, joined=True, stored=True)
     await out.send(HEAD, head.to_bytes())
     await out.send(DATA, entry.body)
