@@ -32,6 +32,7 @@ from proxy.fleet.wire import (
     FILLS_PATH,
     HEAD,
     KEEPALIVE,
+    MAX_ASK_BYTES,
     BadFrame,
     FillAsk,
     Head,
@@ -82,9 +83,13 @@ class OwnerRoute:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Accept at once, then stream the fill's head and body as frames."""
+        length = request.content_length
+        if length is None or length > MAX_ASK_BYTES:
+            # The asker always sends a length; its body is a speak body, bounded by its settings.
+            return web.json_response({"error": "a miss needs a length within bounds"}, status=413)
         try:
-            ask = FillAsk.from_bytes(await request.read())
-        except BadFrame as exc:
+            ask = FillAsk.from_bytes(await request.content.readexactly(length))
+        except (BadFrame, asyncio.IncompleteReadError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/octet-stream"})
         out = FrameWriter(response, self._keepalive)

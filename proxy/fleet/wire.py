@@ -43,6 +43,8 @@ _LENGTH = struct.Struct(">I")
 # A frame's payload is a chunk of a fill (aiohttp hands a few KiB to 64 KiB) or a small JSON.
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MAX_HEAD_BYTES: Final = 1024 * 1024
+# A miss asked of the owner: its head and a speak body (tts.max_body_bytes, 1 MiB by default).
+MAX_ASK_BYTES: Final = 64 * 1024 * 1024
 
 
 class BadFrame(ValueError):
