@@ -143,3 +143,14 @@ async def test_an_owner_that_falls_silent_mid_body_cuts_its_clients_within_the_b
     assert legacy_backend.calls[SPEAK] == 0
     assert dict(worker.app[STATS].fleet_fills) == {"owner": 1}
     assert worker.app[CACHE].get_memory(KEY) is None  # nothing half-received was kept
+
+
+async def test_the_owner_refuses_what_is_not_a_miss_and_serves_on(
+    worker: Any, legacy_backend: FakeLegacyBackend, group: WorkerGroup
+) -> None:
+    connector = aiohttp.UnixConnector(path=str(group.socket_path(os.getpid())))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post("http://worker/fleet/fills", data=b"\x00\x00\x00\x05junk!") as r:
+            assert r.status == 400 and "bad head" in (await r.json())["error"]
+    answer = await speak(worker, SPEAK, speak_body())
+    assert answer.status == 200 and answer.body == AUDIO
