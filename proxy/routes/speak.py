@@ -219,12 +219,9 @@ class SpeakHandler:
     async def lead(
         self, flight: FlightKey, call: SpeakCall, *, sibling: bool = False
     ) -> tuple[Fill, FillReader, Callable[[], bool] | None]:
-        """A new fill for `flight`, registered and opened: the fill, a reader from its first
-        byte, and whether it replays another process's fill (known once its head is in).
-
-        With FleetFills the fill opens through the key's owner among the workers or another
-        replica's fill when they lead it; `sibling`: another worker's miss, of a key this one
-        owns (its client is counted there)."""
+        """A new fill for `flight`, registered and opened (through FleetFills, with a fleet): the
+        fill, a reader from its first byte, and whether it replays another process's fill (known
+        once its head is in). `sibling`: another worker's miss (its client is counted there)."""
         key, text_sha, _ = flight
         upstream: Upstream = self.synthesizer
         on_commit, store_allowed, replayed, route = self._commit, True, None, None
