@@ -307,6 +307,8 @@ def _validate(settings: Settings) -> None:
         "cache.janitor_batch_size": cache.janitor_batch_size,
         "index.pool_max_size": settings.index.pool_max_size,
         "fleet.confirm_timeout_seconds": settings.fleet.confirm_timeout_seconds,
+        "fleet.owner_timeout_seconds": settings.fleet.owner_timeout_seconds,
+        "fleet.wait_seconds": settings.fleet.wait_seconds,
     }
     for key, number in positive.items():
         if number <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -19,7 +19,13 @@ from proxy.admin.routes import ADMIN_GUARD, DASHBOARD, ENTRY_PAGES
 from proxy.config import IndexSettings, Settings
 from proxy.contracts import speak_contracts
 from proxy.fleet.group import SiblingServer
-from proxy.fleet.setup import group_view, start_broadcast
+from proxy.fleet.setup import (
+    after_volume_write,
+    fleet_fills,
+    group_view,
+    serve_group,
+    start_broadcast,
+)
 from proxy.fleet.view import Sampler
 from proxy.index.backfill import IndexBackfill
 from proxy.index.coverage import VolumeCoverage
@@ -38,7 +44,6 @@ from proxy.readiness import Readiness, readiness_session
 from proxy.routes.audio import AudioUrl
 from proxy.routes.passthrough import Passthrough, PassthroughLimits
 from proxy.routes.speak import SpeakHandler
-from proxy.speak import CacheKey
 from proxy.state import (
     ADMIN_API,
     AUDIO_URL,
@@ -47,6 +52,7 @@ from proxy.state import (
     CACHE,
     DISK_GUARD,
     ENTRY_BROWSER,
+    FLEET_FILLS,
     FLIGHTS,
     GROUP,
     GROUP_VIEW,
@@ -71,7 +77,6 @@ from proxy.state import (
     get_state,
 )
 from proxy.storage.disk import DiskGuard
-from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
 from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
@@ -116,7 +121,9 @@ async def cache_tiers(app: web.Application) -> AsyncIterator[None]:
     if index is not None and volume is not None:
         recorder = app[RECORDER] = _recorder(app, settings, volume, index)
         recorder.start()
-    after_write = _after_volume_write(app, recorder) if volume is not None else None
+    after_write = None
+    if volume is not None:
+        after_write = after_volume_write(lambda: app.get(BROADCAST), recorder)
     app[CACHE] = TieredCache(
         memory,
         volume,
@@ -178,40 +185,29 @@ def _recorder(
     return recorder
 
 
-def _after_volume_write(
-    app: web.Application, recorder: EntryRecorder | None
-) -> Callable[[CacheKey, Entry], Awaitable[None]]:
-    """After a Volume write: a notice to the other processes, which drop an older recording of
-    the key they may hold, then the index row (`EntryRecorder`)."""
-
-    async def record(key: CacheKey, entry: Entry) -> None:
-        broadcast = app.get(BROADCAST)
-        if broadcast is not None:  # first: an index that fails must not keep the notice back
-            broadcast.stored(key, entry.meta.body_sha256)
-        if recorder is not None:
-            await recorder(key, entry)
-
-    return record
-
-
 async def fleet(app: web.Application) -> AsyncIterator[None]:
     """Invalidations to and from the other workers (their sockets) and replicas (PostgreSQL)."""
+    settings, cache, flights = get_state(app, SETTINGS), get_state(app, CACHE), app[FLIGHTS]
+    index = app.get(INDEX)
     broadcast = app[BROADCAST] = await start_broadcast(
-        get_state(app, SETTINGS),
-        cache=get_state(app, CACHE),
-        flights=get_state(app, FLIGHTS),
-        group=app.get(GROUP),
-        index=app.get(INDEX),
+        settings, cache=cache, flights=flights, group=app.get(GROUP), index=index
     )
+    fills = fleet_fills(
+        settings, cache=cache, flights=flights, stats=app[STATS], broadcast=broadcast, index=index
+    )
+    if fills is not None:  # one fill per key across workers and replicas
+        app[FLEET_FILLS] = fills
     yield
+    if fills is not None:
+        await fills.aclose()
     await broadcast.aclose()
 
 
 async def sibling_server(app: web.Application) -> AsyncIterator[None]:
-    """This worker's socket in the group's folder: invalidations in, its numbers out."""
+    """This worker's socket in the group's folder: invalidations in, its numbers out, the
+    fills of its keys."""
     server = SiblingServer(get_state(app, GROUP))
-    get_state(app, BROADCAST).serve_on(server)
-    get_state(app, GROUP_VIEW).serve_on(server)
+    serve_group(server, get_state(app, BROADCAST), app[GROUP_VIEW], app.get(FLEET_FILLS))
     await server.start()
     yield
     await server.aclose()
@@ -260,6 +256,7 @@ async def handlers(app: web.Application) -> AsyncIterator[None]:
         admission=Admission(min_uses=settings.cache.min_uses),
         disk_guard=app[DISK_GUARD],
         janitor=app[JANITOR],
+        fleet=app.get(FLEET_FILLS),
     )
     app[ENTRY_BROWSER] = EntryBrowser(app[CACHE], app.get(INDEX))
     broadcast = get_state(app, BROADCAST)

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from proxy.fleet.fills import OUTCOMES as FLEET_OUTCOMES
 from proxy.fleet.sample import Histogram, ProcessSample
 from proxy.fleet.view import GroupView
 from proxy.index.lookup import OUTCOMES as LOOKUP_OUTCOMES
@@ -168,6 +169,17 @@ def fleet_families(sample: ProcessSample) -> Iterable[Metric]:
         "(the PostgreSQL channel was lost).",
         sample.memory_flushes,
     )
+    if sample.fleet_fills:
+        fills = CounterMetricFamily(
+            f"{PREFIX}_fleet_fills",
+            "Misses led across workers and replicas, by how each was answered (owner,"
+            " owner_fallback, for_sibling, lease, followed, takeover, wait_timeout,"
+            " lease_unavailable).",
+            labels=["outcome"],
+        )
+        for outcome in FLEET_OUTCOMES:
+            fills.add_metric([outcome], sample.fleet_fills[outcome])
+        yield fills
     if sample.listening:
         yield GaugeMetricFamily(
             f"{PREFIX}_invalidation_listening",

@@ -197,6 +197,15 @@ class FleetSettings:
 
     # How long a purge waits for the other processes to confirm they dropped it.
     confirm_timeout_seconds: float = 2.0
+    # One fill per key across the workers of a `serve --workers N`: the key's owner leads it.
+    worker_fills: bool = True
+    # How long a worker waits for the owner to take its miss (or to show it is alive while the
+    # fill runs) before it fills the key itself.
+    owner_timeout_seconds: float = 1.0
+    # One fill per key across replicas (with the index and a Volume): a lease in PostgreSQL.
+    replica_fills: bool = True
+    # How long a replica waits for another replica's fill of the key before it fills it itself.
+    wait_seconds: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from proxy.config import Settings
 from proxy.contracts import Contract
 from proxy.fill import Flights
 from proxy.fleet.broadcast import Broadcast
+from proxy.fleet.fills import FleetFills
 from proxy.fleet.group import WorkerGroup
 from proxy.fleet.view import GroupView
 from proxy.identity import IdentityResolver
@@ -64,6 +65,7 @@ BACKFILL: Final = web.AppKey("backfill", IndexBackfill)
 GROUP: Final = web.AppKey("group", WorkerGroup)
 BROADCAST: Final = web.AppKey("broadcast", Broadcast)
 GROUP_VIEW: Final = web.AppKey("group_view", GroupView)
+FLEET_FILLS: Final = web.AppKey("fleet_fills", FleetFills)
 
 T = TypeVar("T")
 

@@ -36,6 +36,8 @@ class CacheStats:
     janitor_runs_seen: int = 0
     # Lookups the index answered before the Volume, by outcome (proxy/index/lookup.py).
     index_lookups: Counter[str] = field(default_factory=Counter)
+    # How misses were led across workers and replicas, by outcome (proxy/fleet/fills.py).
+    fleet_fills: Counter[str] = field(default_factory=Counter)
 
     def note_janitor_run(self, runs: int, evicted: Mapping[str, int]) -> None:
         """Add the janitor's last report once per run: `runs` is its run counter."""

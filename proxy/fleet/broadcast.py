@@ -147,6 +147,7 @@ class Broadcast:
     def stored(self, key: CacheKey, body_sha256: str) -> None:
         """Tell the others that `key` has a new recording: they drop another copy they hold.
         Sent in batches by one task, off the caller's path."""
+        self.local.note_stored(key, own=True)
         if not self.reaches_others or self._closed:
             return
         self._stored.append((key, body_sha256))

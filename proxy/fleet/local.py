@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 from proxy.fill import Flights
@@ -44,6 +45,14 @@ class LocalInvalidations:
         # Whole memory tiers dropped because this process may have missed invalidations.
         self.flushes = 0
         self._seen: OrderedDict[str, asyncio.Task[None]] = OrderedDict()
+        # Told of every new recording on the Volume: another process's (a stored notice) and
+        # this one's (`own`); one fill per key across replicas waits for them.
+        self.stored_listeners: list[Callable[[CacheKey, bool], None]] = []
+
+    def note_stored(self, key: CacheKey, own: bool) -> None:
+        """A new recording of `key` is on the Volume: tell the listeners."""
+        for listener in self.stored_listeners:
+            listener(key, own)
 
     async def apply(self, message: Invalidation) -> None:
         """Apply `message` unless it was already; a second delivery waits for the first."""
@@ -71,6 +80,7 @@ class LocalInvalidations:
             return
         for key, body_sha256 in message.stored:
             self.cache.invalidate_key(key, keep_body_sha256=body_sha256)
+            self.note_stored(key, own=False)
 
     async def _drop(self, scope: Scope) -> int:
         if self.flights is not None:

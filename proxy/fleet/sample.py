@@ -83,6 +83,8 @@ class ProcessSample:
     invalidations_sent: Counter[str] = field(default_factory=Counter)
     unconfirmed_purges: int = 0
     memory_flushes: int = 0
+    # How misses were led across workers and replicas, by outcome (proxy/fleet/fills.py).
+    fleet_fills: Counter[str] = field(default_factory=Counter)
     upstream_seconds: Histogram = field(default_factory=Histogram)
     request_seconds: dict[str, Histogram] = field(
         default_factory=lambda: {outcome: Histogram() for outcome in TIMED_OUTCOMES}
@@ -174,6 +176,7 @@ _COUNTERS = (
     "invalidations",
     "invalidations_sent",
     "index_lookups",
+    "fleet_fills",
 )
 
 

@@ -86,6 +86,7 @@ class Sampler:
             sample.volume_calls.update(calls.calls)
             sample.volume_call_wait_seconds = calls.wait_seconds
         sample.index_lookups.update(stats.index_lookups)
+        sample.fleet_fills.update(stats.fleet_fills)
         if self.index is not None:
             sample.index["available" if self.index.available else "unavailable"] += 1
             token = self.index.pool.token

@@ -68,6 +68,21 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         );
         """,
     ),
+    (
+        4,
+        # One fill per key across replicas (proxy/index/fill_leases.py): the replica filling a
+        # key holds its row until the recording is on the Volume. UNLOGGED: a lease outlives
+        # nothing (a crash of PostgreSQL, or Lakebase's compute restart, empties the table, and
+        # the cost is at most one synthesis more), so its two writes a miss skip the WAL.
+        """
+        CREATE UNLOGGED TABLE IF NOT EXISTS {schema}.fill_leases (
+            flight      text        PRIMARY KEY,
+            holder      text        NOT NULL,
+            expires_at  timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS fill_leases_expires_at ON {schema}.fill_leases (expires_at);
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 MIGRATION_LOCK_NAMESPACE: Final = "tts-cache-proxy"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import hdrs, web
 
 from proxy.fill import Fill, FillBroken, FillReader
@@ -21,11 +23,23 @@ from proxy.upstreams.http import end_to_end
 
 
 async def stream_fill(
-    request: web.Request, fill: Fill, reader: FillReader, key: CacheKey, *, collapsed: bool
+    request: web.Request,
+    fill: Fill,
+    reader: FillReader,
+    key: CacheKey,
+    *,
+    collapsed: bool,
+    replayed: Callable[[], bool] | None = None,
 ) -> web.StreamResponse:
-    """Send one client the fill's response through its reader, chunk by chunk, from the first."""
+    """Send one client the fill's response through its reader, chunk by chunk, from the first.
+
+    `replayed()`, once the head is in, says whether the fill replays another process's (the
+    key's owner among the workers, another replica): its clients are then joined clients too.
+    """
     try:
         await fill.wait_ready()
+        if replayed is not None and replayed():
+            collapsed = True
         if not collapsed and fill.upstream_seconds is not None:
             # For the access log: the upstream was waited for by the fill's first request only.
             request[UPSTREAM_SECONDS] = fill.upstream_seconds

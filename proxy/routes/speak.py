@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -11,8 +12,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.config import Settings
-from proxy.contracts import Contract
-from proxy.fill import Fill, FlightKey, Flights
+from proxy.contracts import Contract, speak_contracts
+from proxy.fill import Fill, FillReader, FlightKey, Flights
+from proxy.fleet.fills import FleetFills
 from proxy.headers import (
     age_of,
     disabled_headers,
@@ -110,12 +112,23 @@ class SpeakHandler:
     admission: Admission | None = None
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
+    fleet: FleetFills | None = None
     _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
         default_factory=dict, init=False, repr=False
     )
     _parsed: dict[tuple[str, str, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
+    # The routes whose misses `direct` answers (the route travels with a miss another worker
+    # hands this one only as its path).
+    _direct_paths: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._direct_paths.update(
+            c.path for c in speak_contracts(self.settings) if c.synthesizer == "http"
+        )
+        if self.fleet is not None:
+            self.fleet.attach(self.lead)  # the misses other workers hand this one
 
     async def handle(self, request: web.Request, contract: Contract) -> web.StreamResponse:
         """Answer a POST to a speak route: hit, joined or new fill, or forwarded untouched."""
@@ -198,8 +211,9 @@ class SpeakHandler:
                 if served is not None:
                     return served
                 fill = self.flights.joinable(flight)
-        # 8. one fill per key
+        # 8. one fill per key (with FleetFills, one per key among the workers and replicas)
         collapsed = fill is not None
+        replayed = None
         if fill is None:
             # The upstream gets plain values: the request itself stays here, at the edge.
             headers = outgoing_headers(request, self.identity.forwardable_headers(request))
@@ -214,35 +228,56 @@ class SpeakHandler:
                 speak=speak,
                 identity=identity,
             )
-            fill = Fill(
-                key,
-                call,
-                text_sha256=text_sha,
-                max_entry_bytes=self.settings.cache.max_entry_bytes,
-                on_commit=self._commit,
-                store_allowed=self._may_store(key, text_sha),
-            )
-            self.stats.misses += 1
-            self.stats.upstream_calls += 1
-            log.debug("miss %s: fill started", key.digest())
-            # The reader first: whatever came with the head is then this client's too, even
-            # when it already makes the fill too large to join.
-            reader = fill.reader()
-            try:
-                synthesizer = (
-                    self.direct
-                    if contract.synthesizer == "http" and self.direct is not None
-                    else self.synthesizer
-                )
-                await self.flights.lead(flight, fill, synthesizer)
-            except BaseException:
-                reader.close()
-                raise
+            fill, reader, replayed = await self.lead(flight, call)
         else:
             self.stats.coalesced += 1
             log.debug("miss %s: joined a fill", key.digest())
             reader = fill.reader()
-        return await stream_fill(request, fill, reader, key, collapsed=collapsed)
+        return await stream_fill(request, fill, reader, key, collapsed=collapsed, replayed=replayed)
+
+    async def lead(
+        self, flight: FlightKey, call: SpeakCall, *, sibling: bool = False
+    ) -> tuple[Fill, FillReader, Callable[[], bool] | None]:
+        """A new fill for `flight`, registered and opened (through FleetFills, with a fleet): the
+        fill, a reader from its first byte, and whether it replays another process's fill (known
+        once its head is in). `sibling`: another worker's miss (its client is counted there)."""
+        key, text_sha, _ = flight
+        upstream = self._synthesizer_for(call.raw_path)
+        on_commit, store_allowed, replayed, route = self._commit, True, None, None
+        if self.fleet is None:
+            self.stats.upstream_calls += 1
+            store_allowed = self._may_store(key, text_sha)
+        else:  # the upstream call and the admission count where the recording is made
+            route = self.fleet.miss(
+                flight,
+                sibling=sibling,
+                synthesizer=upstream,
+                commit=self._commit,
+                may_store=self._may_store,
+            )
+            upstream, on_commit, replayed = route, route.commit, route.replayed
+        fill = Fill(
+            key,
+            call,
+            text_sha256=text_sha,
+            max_entry_bytes=self.settings.cache.max_entry_bytes,
+            on_commit=on_commit,
+            store_allowed=store_allowed,
+        )
+        if route is not None:
+            route.adopt(fill)
+        if not sibling:
+            self.stats.misses += 1
+        log.debug("miss %s: fill started", key.digest())
+        # The reader first: whatever came with the head is then this client's too, even
+        # when it already makes the fill too large to join.
+        reader = fill.reader()
+        try:
+            await self.flights.lead(flight, fill, upstream)
+        except BaseException:
+            reader.close()
+            raise
+        return fill, reader, replayed
 
     async def _disabled(
         self, request: web.Request, reason: Reason, body: bytes | None = None
@@ -254,6 +289,15 @@ class SpeakHandler:
         return await self.passthrough.forward(
             request, headers, body, extra_headers=disabled_headers(reason)
         )
+
+    def _synthesizer_for(self, raw_path: str) -> Upstream:
+        """Who answers a miss on this route: the backend as is (`direct`) for a contract whose
+        synthesizer is "http", else the synthesizer (the backend or the providers)."""
+        path = raw_path.partition("?")[0]
+        direct = self.direct
+        if direct is not None and path in self._direct_paths:
+            return direct
+        return self.synthesizer
 
     async def _volume_hit(
         self,

@@ -1,4 +1,5 @@
-"""Fixtures for the browser tests: the servers' loop, a test's servers, headless Chromium."""
+"""Fixtures for the end-to-end tests: the servers' loop, a test's servers, headless Chromium, and
+the fleet tests' `serve --workers N` groups."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.groups import start_group  # noqa: F401 - the fleet tests' fixture
 from tests.e2e.live import CHROMIUM_FLAGS, LiveLoop, LiveStack, chromium_paths
 
 
