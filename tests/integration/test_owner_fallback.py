@@ -19,10 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import CACHE, STATS, create_app
+from proxy.app import create_app
 from proxy.fleet.group import WorkerGroup
 from proxy.fleet.wire import ACCEPTED, DATA, HEAD, Head, frame
 from proxy.speak import CacheKey
+from proxy.state import CACHE, STATS
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.support import ALICE, SPEAK, speak, speak_body

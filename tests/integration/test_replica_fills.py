@@ -11,7 +11,8 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy.app import STATS, create_app
+from proxy.app import create_app
+from proxy.state import STATS
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend, SpeakBehaviour
 from tests.support import SPEAK, Spoken, speak, speak_body
