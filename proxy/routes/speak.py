@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
 
 from proxy.config import Settings
 from proxy.contracts import Contract, speak_contracts
 from proxy.fill import Fill, FillReader, FlightKey, Flights
 from proxy.fleet.fills import FleetFills
 from proxy.headers import (
-    age_of,
     disabled_headers,
-    for_origin,
-    hit_headers,
-    origin_bound,
 )
 from proxy.identity import CURRENT_TOKEN, IdentityResolver
 from proxy.index.entries import PostgresIndex
@@ -31,28 +25,23 @@ from proxy.policy import Admission, decide, entry_matches
 from proxy.reasons import Reason
 from proxy.request_context import (
     CACHE_KEY,
-    REQUEST_ID_HEADER,
-    client_or_new_id,
     request_id,
-    stamp_request_id,
 )
 from proxy.routes.bodies import BodyTimedOut, BodyTooLarge, body_timed_out, read_request_body
+from proxy.routes.hits import HitReplay, send_stream
 from proxy.routes.miss import stream_fill
 from proxy.routes.passthrough import Passthrough
-from proxy.routes.responses import abort_connection, json_error
+from proxy.routes.responses import json_error
 from proxy.speak import CacheKey, SpeakRequest, parse_json_object
 from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.entry import Entry, EntryMeta
 from proxy.storage.tiered import TieredCache
-from proxy.storage.tiers import CorruptEntry, EntryStream
+from proxy.storage.tiers import EntryStream
 from proxy.upstreams.base import SpeakCall, Upstream
 from proxy.upstreams.http import outgoing_headers
 
 log = logging.getLogger(__name__)
-
-# Prebuilt hit headers kept at once; a full map is simply dropped and rebuilt as hits come.
-REPLAY_HEADER_CACHE: Final = 2_048
 
 
 # Parsed bodies remembered at once, and the largest body remembered: ~1.5 KiB each, ~2 MiB in all
@@ -73,23 +62,6 @@ class ParsedSpeak(NamedTuple):
         """True when a stored entry was made from this text (and by the provider asked for)."""
         provider = self.speak.provider if self.speak is not None else None
         return entry_matches(meta, self.text_sha256, provider)
-
-
-class PrebuiltHeaders:
-    """A hit's headers, built once per entry and tier; only Age is rewritten, once a second.
-
-    Keyed by the entry's metadata, not the entry: holding bodies here would keep entries the
-    memory tier has evicted alive, past its byte bound.
-    """
-
-    __slots__ = ("age", "headers", "meta", "origin_bound")
-
-    def __init__(self, meta: EntryMeta, headers: CIMultiDict[str]) -> None:
-        self.meta = meta
-        self.headers = headers
-        self.age: int | None = None
-        # A CORS answer for one origin is replayed per request, only to that origin.
-        self.origin_bound = origin_bound(headers)
 
 
 @dataclass(frozen=True)
@@ -113,9 +85,7 @@ class SpeakHandler:
     disk_guard: DiskGuard | None = None
     janitor: Janitor | None = None
     fleet: FleetFills | None = None
-    _replay_headers: dict[tuple[CacheKey, str], PrebuiltHeaders] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    _hits: HitReplay = field(default_factory=HitReplay, init=False, repr=False)
     _parsed: dict[tuple[str, str, bytes], ParsedSpeak] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -185,7 +155,7 @@ class SpeakHandler:
                     self.janitor.record_hit(key)
             else:
                 await self._note_hit(key, "memory")
-            return self._replay(request, key, entry, "memory")
+            return self._hits.replay(request, key, entry, "memory")
         # 6. a fill in flight for this very call: joined without asking the Volume (what the
         # fill brings is as fresh, and a burst of one message waits on no lookup)
         flight: FlightKey = (key, text_sha, speak.provider)
@@ -312,7 +282,7 @@ class SpeakHandler:
             if parsed.matches(found.meta):
                 await self._note_hit(key, "volume")
                 log.debug("hit %s in the volume", key.digest())
-                return self._replay(request, key, found, "volume")
+                return self._hits.replay(request, key, found, "volume")
         elif found is not None:
             if parsed.matches(found.meta):
                 return await self._stream_hit(request, key, found, mark)
@@ -328,45 +298,16 @@ class SpeakHandler:
             if not parsed.matches(entry.meta):
                 return None
             await self._note_hit(key, "memory")
-            return self._replay(request, key, entry, "memory")
+            return self._hits.replay(request, key, entry, "memory")
         mark = self.cache.put_mark()
         return await self._volume_hit(request, key, parsed, await self.cache.open_volume(key), mark)
 
     async def _stream_hit(
         self, request: web.Request, key: CacheKey, stream: EntryStream, mark: int
     ) -> web.StreamResponse:
-        """A Volume hit sent as it is read; copied into memory once it ended intact, unless a
-        purge covered the key since the lookup began (`mark`)."""
+        """A Volume hit sent as it is read (`send_stream`)."""
         await self._note_hit(key, "volume")
-        meta = stream.meta
-        headers = hit_headers(key, meta, "volume")
-        headers[hdrs.AGE] = age_of(meta)
-        if origin_bound(headers):
-            headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
-        response = web.StreamResponse(status=meta.status, headers=headers)
-        response.content_length = meta.length
-        stamp_request_id(request, response)
-        parts: list[bytes] = []
-        try:
-            await response.prepare(request)
-            async for chunk in stream:
-                parts.append(chunk)
-                await response.write(chunk)
-        except ConnectionError:
-            return response  # the client left; nothing wrong with the entry
-        except CorruptEntry:
-            abort_connection(request)  # counted and removed by the Volume
-            return response
-        except Exception as exc:
-            self.cache.count_error("volume", "stream", key, exc)
-            abort_connection(request)
-            return response
-        finally:
-            await stream.aclose()
-        await response.write_eof()
-        self.cache.promote(key, Entry(meta, b"".join(parts)), since=mark)
-        log.debug("hit %s streamed from the volume", key.digest())
-        return response
+        return await send_stream(request, key, stream, self.cache, mark)
 
     async def _note_hit(self, key: CacheKey, tier: str) -> None:
         """Count a hit, and tell the index (or the janitor) that the entry was used."""
@@ -402,27 +343,6 @@ class SpeakHandler:
                 self._parsed.clear()
             self._parsed[memo_key] = parsed
         return parsed
-
-    def _replay(self, request: web.Request, key: CacheKey, entry: Entry, tier: str) -> web.Response:
-        """The stored response; its headers are built once per entry and tier, then reused."""
-        meta = entry.meta
-        prebuilt = self._replay_headers.get((key, tier))
-        if prebuilt is None or prebuilt.meta is not meta:
-            prebuilt = PrebuiltHeaders(meta, hit_headers(key, meta, tier))
-            if len(self._replay_headers) >= REPLAY_HEADER_CACHE:
-                self._replay_headers.clear()
-            self._replay_headers[(key, tier)] = prebuilt
-        age = int(time.time() - meta.created_at)
-        if age != prebuilt.age:  # Age changes once a second: so do the prebuilt headers
-            prebuilt.age = age
-            prebuilt.headers[hdrs.AGE] = str(max(0, age))
-        headers = prebuilt.headers
-        if prebuilt.origin_bound:
-            headers = for_origin(headers, request.headers.get(hdrs.ORIGIN))
-        response = web.Response(status=meta.status, body=entry.body, headers=headers)
-        # Nothing went upstream, so no one else needs this id: a new one, not kept on the request.
-        response.headers.add(REQUEST_ID_HEADER, client_or_new_id(request))
-        return response
 
     def _may_store(self, key: CacheKey, text_sha: str) -> bool:
         """Whether a new fill may be stored: admitted (which counts a use), and disk to spare."""
