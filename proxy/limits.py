@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.identity import IdentityResolver
 from proxy.request_context import Handler
 from proxy.routes.responses import refuse
 from proxy.settings import UpstreamSettings
 from proxy.stats import CacheStats
-from proxy.upstreams.base import SpeakCall, Upstream, UpstreamError, UpstreamResponse
+from proxy.upstreams.base import (
+    ClosingResponse,
+    SpeakCall,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 # A client over its limit may try again once one of its requests ended: soon.
 CLIENT_RETRY_AFTER: Final = "1"
@@ -133,52 +137,7 @@ class SlottedUpstream:
         except BaseException:
             slot.release()
             raise
-        return SlottedResponse(response, slot)
-
-
-class SlottedResponse:
-    """An upstream response that gives its slot back when it is closed."""
-
-    __slots__ = ("_response", "_slot")
-
-    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
-        self._response = response
-        self._slot = slot
-
-    @property
-    def status(self) -> int:
-        """The HTTP status."""
-        return self._response.status
-
-    @property
-    def reason(self) -> str | None:
-        """The reason phrase."""
-        return self._response.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
-        """The response headers."""
-        return self._response.headers
-
-    @property
-    def upstream_seconds(self) -> float | None:
-        """Time to the response's head."""
-        return self._response.upstream_seconds
-
-    def read_buffered(self) -> bytes:
-        """The body bytes that came with the head."""
-        return self._response.read_buffered()
-
-    def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The rest of the body as it arrives."""
-        return self._response.iter_chunks()
-
-    def close(self) -> None:
-        """Close the response, then give its slot back."""
-        try:
-            self._response.close()
-        finally:
-            self._slot.release()
+        return ClosingResponse(response, slot.release)
 
 
 class ClientLimit:

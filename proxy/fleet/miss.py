@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.fill import Fill, FlightKey
 from proxy.fleet.follow import Follow, VolumeResponse
@@ -25,7 +23,7 @@ from proxy.index.fill_leases import flight_name
 from proxy.index.pool import IndexUnavailable
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
-from proxy.upstreams.base import SpeakCall, Upstream, UpstreamResponse
+from proxy.upstreams.base import ClosingResponse, SpeakCall, Upstream, UpstreamResponse
 
 if TYPE_CHECKING:
     from proxy.fleet.fills import FleetFills
@@ -177,7 +175,7 @@ class FleetMiss:
             raise
         if self._lease is None:
             return response
-        return _EndWatched(response, self._ended)
+        return ClosingResponse(response, self._ended)
 
     def _answered(self, source: str, joined: bool, *, stored: bool) -> None:
         self.source = source
@@ -230,46 +228,3 @@ class FleetMiss:
                     return
             except IndexUnavailable:
                 return
-
-
-class _EndWatched:
-    """An upstream response that says when its fill closed it."""
-
-    __slots__ = ("_on_close", "_response")
-
-    def __init__(self, response: UpstreamResponse, on_close: Callable[[], None]) -> None:
-        self._response = response
-        self._on_close = on_close
-
-    @property
-    def status(self) -> int:
-        """The HTTP status."""
-        return self._response.status
-
-    @property
-    def reason(self) -> str | None:
-        """The reason phrase."""
-        return self._response.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
-        """The response headers."""
-        return self._response.headers
-
-    @property
-    def upstream_seconds(self) -> float | None:
-        """Time to the upstream's head."""
-        return self._response.upstream_seconds
-
-    def read_buffered(self) -> bytes:
-        """The bytes that came with the head."""
-        return self._response.read_buffered()
-
-    def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body."""
-        return self._response.iter_chunks()
-
-    def close(self) -> None:
-        """Close the response, then tell."""
-        self._response.close()
-        self._on_close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +83,52 @@ class UpstreamResponse(Protocol):
 
     def close(self) -> None:
         """Stop reading and release the connection."""
+
+
+class ClosingResponse:
+    """An upstream response that calls `on_close` once it is closed (a slot given back, a fill
+    told its upstream is done), whatever closing the response raised."""
+
+    __slots__ = ("_on_close", "_response")
+
+    def __init__(self, response: UpstreamResponse, on_close: Callable[[], None]) -> None:
+        self._response = response
+        self._on_close = on_close
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+        return self._response.status
+
+    @property
+    def reason(self) -> str | None:
+        """The reason phrase."""
+        return self._response.reason
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
+        """The response headers."""
+        return self._response.headers
+
+    @property
+    def upstream_seconds(self) -> float | None:
+        """Time to the response's head."""
+        return self._response.upstream_seconds
+
+    def read_buffered(self) -> bytes:
+        """The body bytes that came with the head."""
+        return self._response.read_buffered()
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the body as it arrives."""
+        return self._response.iter_chunks()
+
+    def close(self) -> None:
+        """Close the response, then call `on_close`."""
+        try:
+            self._response.close()
+        finally:
+            self._on_close()
 
 
 class Upstream(Protocol):
