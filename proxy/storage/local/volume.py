@@ -25,6 +25,7 @@ from proxy.storage.layout import (
     sidecar_name,
 )
 from proxy.storage.local import maintenance
+from proxy.storage.local.commit import Publish
 from proxy.storage.local.io import (
     KeyLocks,
     VolumeThreads,
@@ -33,7 +34,7 @@ from proxy.storage.local.io import (
     read_file_bounded,
     remove_entry,
     resolve_under,
-    write_entry,
+    stage_entry,
 )
 from proxy.storage.tiers import CallStats, CorruptEntry
 
@@ -181,7 +182,7 @@ class LocalVolume:
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
         require_valid(key)
-        write = functools.partial(self._threads.write, self._put_sync, key, entry)
+        write = functools.partial(self._threads.write, functools.partial(self._stage, key, entry))
         await guarded(self.breaker, self.timeout_seconds, write)
 
     async def delete(self, key: CacheKey) -> None:
@@ -350,13 +351,12 @@ class LocalVolume:
         self._last_hit_recorded[key] = now
         _record_hit(folder / sidecar_name(key.voice))
 
-    def _put_sync(self, key: CacheKey, entry: Entry) -> None:
+    def _stage(self, key: CacheKey, entry: Entry) -> Publish:
         if not entry.intact():
             raise ValueError("entry body disagrees with its metadata")
         folder = self._entry_folder(key)
         name, sidecar_bytes = encode_sidecar(key, entry.meta)
-        with self._locks.of(key):
-            write_entry(folder, key.voice, name, entry.body, sidecar_bytes)
+        return stage_entry(folder, key.voice, name, entry.body, sidecar_bytes, self._locks.of(key))
 
     def _delete_sync(self, key: CacheKey) -> None:
         folder = self._folder(key)
