@@ -8,10 +8,8 @@ import os
 import secrets
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -29,10 +27,6 @@ from proxy.storage.local.commit import SYNCS_EACH_FILE, GroupCommit, Publish, St
 
 T = TypeVar("T")
 
-# How long the event loop waits for a read thread's answer before awaiting it instead, and how
-# long it then awaits at once (see VolumeThreads.read).
-READ_WAIT_SECONDS: Final = 0.0005
-READ_WAIT_BACKOFF_SECONDS: Final = 1.0
 READ_THREADS: Final = 4
 BACKGROUND_THREADS: Final = 2
 # How much lower the background threads' CPU priority is than the event loop's (nice steps).
@@ -76,28 +70,9 @@ class VolumeThreads:
             thread_name_prefix="volume-background",
             initializer=lower_thread_priority,
         )
-        self._wait_again_at = 0.0
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a read thread, its answer waited for on the loop for READ_WAIT_SECONDS.
-
-        A read on a local folder mostly takes tens of microseconds (a miss is one lstat).
-        Awaiting it costs two turns of the event loop, the thread's wake-up and then the
-        loop's, which under load are most of a millisecond on a miss's time to first byte. So
-        the loop waits for the answer, at most READ_WAIT_SECONDS (a bound on how long the loop
-        can be held, like any short computation), then awaits it like any other. After a wait
-        ran out (a cold disk), reads are awaited at once for READ_WAIT_BACKOFF_SECONDS.
-        """
-        future = self._read_pool.submit(work, *args)
-        if time.monotonic() >= self._wait_again_at:
-            try:
-                return future.result(timeout=READ_WAIT_SECONDS)
-            except FutureTimeout:
-                self._wait_again_at = time.monotonic() + READ_WAIT_BACKOFF_SECONDS
-        return await asyncio.wrap_future(future)
-
-    async def read_awaited(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a read thread, awaited at once (a read off the hit path)."""
+        """`work` in a read thread (a lookup, a hit's read)."""
         return await _run_in(self._read_pool, work, *args)
 
     async def write(self, stage: Stage) -> None:

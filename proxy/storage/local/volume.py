@@ -177,7 +177,7 @@ class LocalVolume:
     async def read_meta(self, key: CacheKey) -> EntryMeta | None:
         """The sidecar's metadata without the body; None when absent or malformed (kept as is)."""
         require_valid(key)
-        return await self._threads.read_awaited(self._read_meta_sync, key)
+        return await self._threads.read(self._read_meta_sync, key)
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
@@ -193,7 +193,7 @@ class LocalVolume:
     async def exists(self, key: CacheKey) -> bool:
         """True when `key` has a valid sidecar and an object of the length it records."""
         require_valid(key)
-        return await self._threads.read_awaited(self._exists_sync, key)
+        return await self._threads.read(self._exists_sync, key)
 
     async def ping(self) -> bool:
         """True when the folder (or, before its first write, its nearest parent) is writable."""
