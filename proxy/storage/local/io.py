@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import sys
@@ -125,10 +126,31 @@ def make_folder(folder: str) -> bool:
     return True
 
 
+# Temporary names: a random stem per process and a counter, so that naming a file costs no
+# system call; O_EXCL refuses a name that exists all the same (a leftover), and the next is tried.
+_temporary_stem = ""
+_temporary_numbers = itertools.count()
+
+
+def _new_stem() -> None:
+    global _temporary_stem, _temporary_numbers
+    _temporary_stem = f"{TMP_PREFIX}{secrets.token_hex(6)}-"
+    _temporary_numbers = itertools.count()
+
+
+_new_stem()
+os.register_at_fork(after_in_child=_new_stem)
+
+
 def write_new(folder: str, data: bytes, *, sync: bool) -> str:
     """`data` in a new temporary file in `folder` (synced to disk when `sync`); returns its path."""
-    path = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(8)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    while True:
+        path = os.path.join(folder, f"{_temporary_stem}{next(_temporary_numbers):x}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with memoryview(data) as view:
             written = 0

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -82,6 +83,7 @@ class LocalVolume:
         self._threads = VolumeThreads()
         # Folders resolved once (resolving walks every path component with a syscall).
         self._folders: dict[tuple[str, str, str], Path] = {}
+        self._parents: dict[tuple[str, str], Path] = {}
         # What was verified, by the file identities it was verified on: a hit whose sidecar and
         # object are still those files (same inode, size, mtime) skips re-hashing the body.
         # Writes replace files by rename, so any rewrite shows up as another inode.
@@ -254,8 +256,26 @@ class LocalVolume:
     # Everything below runs in a worker thread.
 
     def _folder(self, key: CacheKey) -> Path:
-        """The key's message folder, resolved and checked to be under the root."""
-        return resolve_under(self.root, self.base / key.user / key.thread_id / key.message_id)
+        """The key's message folder, checked to be under the root.
+
+        Its thread folder is resolved (every component, links followed, checked) once and
+        remembered; the message's own component is checked on each call: one lstat rather than
+        one per component of the whole path. A missing folder is made by mkdir, which never
+        follows a link.
+        """
+        parent_key = (key.user, key.thread_id)
+        parent = self._parents.get(parent_key)
+        if parent is None:
+            parent = resolve_under(self.root, self.base / key.user / key.thread_id)
+            if len(self._parents) >= _FOLDER_CACHE:
+                self._parents.clear()
+            self._parents[parent_key] = parent
+        folder = parent / key.message_id
+        try:
+            linked = stat.S_ISLNK(os.lstat(folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return folder
+        return resolve_under(self.root, folder) if linked else folder
 
     def _entry_folder(self, key: CacheKey) -> Path:
         """The key's message folder, from the cache of folders resolved before."""
@@ -352,8 +372,7 @@ class LocalVolume:
         _record_hit(folder / sidecar_name(key.voice))
 
     def _stage(self, key: CacheKey, entry: Entry) -> Publish:
-        if not entry.intact():
-            raise ValueError("entry body disagrees with its metadata")
+        # The body is not hashed again here: every first read checks it against the sidecar.
         folder = self._entry_folder(key)
         name, sidecar_bytes = encode_sidecar(key, entry.meta)
         return stage_entry(folder, key.voice, name, entry.body, sidecar_bytes, self._locks.of(key))
