@@ -34,13 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.030, help="seconds added per call")
     parser.add_argument("--max-concurrent", type=int, help="calls at once before 429")
     parser.add_argument("--max-per-second", type=int, help="calls per second before 429")
+    parser.add_argument(
+        "--populate", type=int, default=0, help="entries stored before it listens (bench.scale)"
+    )
     args = parser.parse_args(argv)
-    emulator = FilesApiEmulator(
+    emulator = _listed_emulator(FilesApiEmulator)(
         volumes=[VOLUME],
         tokens=[TOKEN],
         max_concurrent=args.max_concurrent,
         max_per_second=args.max_per_second,
     )
+    if args.populate:
+        populate(emulator, args.populate)
     emulator.latency = args.latency
     counts = CallCounts()
     control = web.AppRunner(control_app(emulator, counts), access_log=None)
@@ -61,6 +66,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         await emulator.stop()
 
     return serve_until_signal(start, stop, args.ready_file)
+
+
+def _listed_emulator(base: type[Any]) -> type[Any]:
+    """The emulator with its folder listings indexed: the test emulator lists a folder by
+    reading every path it holds, which a Volume of 100,000 entries makes quadratic."""
+
+    class Listed(base):  # type: ignore[misc, valid-type]
+        _listing: dict[str, list[tuple[str, bool]]] | None = None
+
+        async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+            if request.method not in ("GET", "HEAD"):
+                self._listing = None  # anything else may change the tree
+            return await super()._dispatch(request)
+
+        def _children(self, path: str) -> list[tuple[str, bool]]:
+            if self._listing is None:
+                listing: dict[str, dict[str, bool]] = {}
+                for folder in self.directories:
+                    parent, _, name = folder.rpartition("/")
+                    listing.setdefault(parent, {})[name] = True
+                for file_path in self.files:
+                    parent, _, name = file_path.rpartition("/")
+                    listing.setdefault(parent, {})[name] = False
+                self._listing = {k: sorted(v.items()) for k, v in listing.items()}
+            return list(self._listing.get(path, ()))
+
+    return Listed
+
+
+def populate(emulator: Any, count: int) -> None:
+    """`count` entries of the bench.scale layout, written straight into the emulator."""
+    from bench.scale import layout
+
+    for path, data in layout(f"{VOLUME}/tts_audio", count):
+        emulator.write(path, data)
 
 
 class CallCounts:
