@@ -329,3 +329,29 @@ async def test_metrics_count_files_api_calls_and_the_wait_for_the_limiter(
     assert 'tts_proxy_volume_calls_total{method="PUT",outcome="2xx"} 2.0' in text  # object, sidecar
     assert 'tts_proxy_volume_calls_total{method="GET",' in text
     assert "tts_proxy_volume_call_wait_seconds_total " in text
+
+
+async def test_metrics_and_stats_never_walk_a_files_api_volume(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    settings = databricks_settings(tmp_path, legacy_backend, **{"admin.token": "t" * 32})
+    client = await aiohttp_client(create_app(settings))
+    for number in range(3):
+        status, _, _ = await speak(client, body(message_id=f"m-{number}"))
+        assert status == 200
+    await client.app[CACHE].drain()
+    listings = emulator.count("GET", "directories")
+
+    async with client.get("/_proxy/metrics") as scraped:
+        metrics = await scraped.text()
+    headers = {"Authorization": f"Bearer {'t' * 32}"}
+    async with client.get("/_proxy/admin/api/stats", headers=headers) as response:
+        stats = await response.json()
+
+    # A walk would cost a listing per folder from the replica's call budget on every scrape.
+    assert emulator.count("GET", "directories") == listings
+    assert 'tts_proxy_cache_entries{tier="volume"}' not in metrics
+    assert "volume" not in stats["tiers"]

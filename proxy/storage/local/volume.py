@@ -81,6 +81,7 @@ class LocalVolume:
         self._corrupt = 0
         self._locks = KeyLocks()
         self._threads = VolumeThreads()
+        self._orphan_walk = maintenance.OrphanWalk(self.base)
         # Folders resolved once (resolving walks every path component with a syscall).
         self._folders: dict[tuple[str, str, str], Path] = {}
         self._parents: dict[tuple[str, str], Path] = {}
@@ -241,12 +242,13 @@ class LocalVolume:
         return await self._threads.background(maintenance.clean_leftovers, self.base)
 
     async def clean_orphans(self, *, limit: int, older_than: float) -> int:
-        """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
+        """Remove up to `limit` crash leftovers last changed before `older_than`, looking in the
+        next `limit` folders of a walk that resumes each call; return how many went.
 
-        What counts as a leftover, and what is left alone: `maintenance.clean_orphans`.
+        What counts as a leftover, and what is left alone: `maintenance.OrphanWalk`.
         """
         return await self._threads.background(
-            maintenance.clean_orphans, self.base, self._locks, limit, older_than
+            self._orphan_walk.clean, self._locks, limit, older_than
         )
 
     async def aclose(self) -> None:
