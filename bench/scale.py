@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -121,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _measure_all(folder: Path, sizes: list[int], kinds: list[str]) -> list[Measured]:
+    main_task = asyncio.current_task()
+    if main_task is not None:  # SIGTERM stops every process started, as Ctrl-C does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     children = Children(folder, pin=False)
     results: list[Measured] = []
     cluster: Any = None
