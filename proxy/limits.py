@@ -173,6 +173,10 @@ class SlottedResponse:
         """The rest of the body as it arrives."""
         return self._response.iter_chunks()
 
+    def body_complete(self) -> bool:
+        """Whether read_buffered took the whole body."""
+        return self._response.body_complete()
+
     def close(self) -> None:
         """Close the response, then give its slot back."""
         try:
