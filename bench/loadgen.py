@@ -28,6 +28,8 @@ class Sample:
     size: int
     cache: str
     cache_status: str
+    # The proxy's X-TTS-Cache-Tier: memory or volume on a hit, empty otherwise.
+    tier: str = ""
 
     @property
     def ttfb(self) -> float:
@@ -110,6 +112,7 @@ async def timed_post(session: aiohttp.ClientSession, url: str, call: SpeakCall) 
             size,
             cache,
             response.headers.get("Cache-Status") or "",
+            response.headers.get("X-TTS-Cache-Tier") or "",
         )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import importlib.util
 import os
 import pwd
 import shutil
@@ -16,7 +15,6 @@ from typing import Any
 
 import aiohttp
 
-from bench.files_api import TOKEN, VOLUME
 from bench.procs import (
     Child,
     Children,
@@ -28,12 +26,11 @@ from bench.procs import (
     wait_http,
     wait_ready_file,
 )
-from bench.workload import SPEAK_PATH, speak_call
+from bench.workload import SPEAK_PATH
 from proxy.config import to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
-FILES_API_LATENCY_SECONDS = 0.030
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,8 @@ class Peer:
     helpers: list[Child] = field(default_factory=list)
     # A cheap GET the peer answers itself, to open connections before a burst.
     ping_path: str = "/_proxy/health"
+    # What its rows should say about how it ran (a setup that did not go as planned).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def speak_url(self) -> str:
@@ -144,7 +143,7 @@ class Lab:
     async def backend(self) -> Backend:
         """The fake legacy backend, on any CPU."""
         ready = self.folder / "backend.ready"
-        child = await self._python("backend", "bench.backend", "--ready-file", str(ready))
+        child = await self.python("backend", "bench.backend", "--ready-file", str(ready))
         ports = await wait_ready_file(child, ready)
         return Backend(
             child,
@@ -156,7 +155,7 @@ class Lab:
         """The bare aiohttp handler answering `size` prebuilt bytes."""
         name = f"ceiling-{size}"
         ready = self.folder / f"{name}.ready"
-        child = await self._python(
+        child = await self.python(
             name,
             "bench.ceiling",
             "--ready-file",
@@ -244,7 +243,7 @@ class Lab:
         argv = ["serve", "--config", str(config)]
         if workers > 1:
             argv += ["--workers", str(workers)]
-        child = await self._python(
+        child = await self.python(
             key,
             "proxy",
             *argv,
@@ -258,58 +257,13 @@ class Lab:
             await _wait_listeners(child, port, workers)
         return Peer(key, label, "ours", url, child, workers=workers, settings=values)
 
-    async def seed_style(self, backend: Backend) -> Peer | Unavailable:
-        """The proxy without its memory tier, its Volume behind the Files API emulator (30 ms)."""
-        label = "seed-style"
-        reason = seed_style_missing()
-        if reason is not None:
-            return Unavailable("seed-style", label, reason)
-        ready = self.folder / "files-api.ready"
-        emulator = await self._python(
-            "files-api",
-            "bench.files_api",
-            "--ready-file",
-            str(ready),
-            "--latency",
-            str(FILES_API_LATENCY_SECONDS),
-        )
-        peer: Peer | None = None
-        try:
-            workspace = (await wait_ready_file(emulator, ready))["url"]
-            peer = await self.ours(
-                "seed-style",
-                label,
-                backend,
-                settings={
-                    "cache.memory.max_bytes": 0,
-                    "cache.volume.kind": "databricks",
-                    "cache.volume.path": VOLUME,
-                    # The legacy design had no limiter: the Files API's own limits are what
-                    # would cap it, and the emulator models its latency, not its budget.
-                    "cache.volume.max_concurrent_calls": 256,
-                    "cache.volume.max_calls_per_second": 100_000.0,
-                },
-                env={"DATABRICKS_HOST": workspace, "DATABRICKS_TOKEN": TOKEN},
-            )
-            peer.kind = "seed-style"
-            peer.helpers.append(emulator)
-            failure = await _volume_round_trip(peer)
-        except StartFailed as exc:
-            failure = f"did not start: {exc}"
-        if failure is None and peer is not None:
-            return peer
-        if peer is not None:
-            await self.stop(peer)
-        await self.children.stop(emulator)
-        return Unavailable("seed-style", label, failure or "did not start", broken=True)
-
     async def stop(self, peer: Peer) -> None:
         """Stop the peer's process and its helpers."""
         await self.children.stop(peer.child)
         for helper in peer.helpers:
             await self.children.stop(helper)
 
-    async def _python(
+    async def python(
         self,
         name: str,
         module: str,
@@ -325,43 +279,6 @@ class Lab:
 def nginx_binary() -> str | None:
     """nginx's path (Debian puts it in /usr/sbin, outside a user's PATH), or None."""
     return shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-
-
-def seed_style_missing() -> str | None:
-    """Why the seed-style peer cannot run with this code base, or None when it can."""
-    if importlib.util.find_spec("proxy.storage.databricks") is None:
-        return "proxy.storage.databricks does not exist yet"
-    if importlib.util.find_spec("tests.fakes.files_api") is None:
-        return "tests/fakes/files_api.py does not exist yet"
-    try:
-        from proxy.app import create_app
-        from proxy.config import ConfigError, load_settings
-
-        settings = load_settings(
-            env={},
-            overrides={"cache.volume.kind": "databricks", "cache.volume.path": VOLUME},
-        )
-        create_app(settings)
-    except ConfigError as exc:
-        return f"the proxy refuses cache.volume.kind = databricks ({exc.problem})"
-    except Exception as exc:
-        return f"the proxy cannot be built with a databricks Volume ({type(exc).__name__}: {exc})"
-    return None
-
-
-async def _volume_round_trip(peer: Peer) -> str | None:
-    """None when a stored entry comes back as a Volume hit, else what went wrong."""
-    call = speak_call("m-probe-seed")
-    async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            async with session.post(peer.speak_url, data=call.body, headers=call.headers()) as r:
-                await r.read()
-                if r.status != 200:
-                    return f"probe answered {r.status}"
-                if r.headers.get("X-TTS-Cache-Tier") == "volume":
-                    return None
-            await asyncio.sleep(0.05)
-    return f"no Volume hit through the Files API emulator:\n{peer.child.log_tail(5)}"
 
 
 async def _wait_listeners(child: Child, port: int, workers: int, within: float = 20.0) -> None:

@@ -8,8 +8,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.footprint import FOOTPRINT
+from bench.production import PRODUCTION
+from bench.replay import REPLAY
 from bench.results import Row
-from bench.scenarios import BURST, MISS, REPLAY, size_label
+from bench.scenarios import BURST, MISS, size_label
 from bench.targets import Verdict
 
 PLOT_NINES_CAP = 4.0  # the max is drawn at 99.99 %
@@ -78,16 +81,17 @@ def _notes(row: Row) -> str:
     if row.problems:
         notes.append("INVALID: " + "; ".join(row.problems))
     extra = row.extra
-    if row.scenario == REPLAY and "hit_ratio" in extra:
+    if row.scenario in (REPLAY, PRODUCTION) and "hit_ratio" in extra:
+        notes += _replay_notes(row)
+    elif row.scenario == FOOTPRINT and "rss_growth_per_10k_entries_mib" in extra:
         notes.append(
-            f"hit ratio {extra['hit_ratio']:.3f} "
-            f"(unbounded cache: {extra['ideal_hit_ratio']:.3f}), "
-            f"{extra['upstream_calls_saved']:,} of {row.requests:,} upstream calls saved"
+            f"RSS growth per 10,000 entries {extra['rss_growth_per_10k_entries_mib']:.1f} MiB "
+            f"(bodies {extra['bodies_per_10k_entries_mib']:.1f} MiB; beside its body an entry "
+            f"costs {extra['overhead_per_entry_bytes']:,.0f} bytes, the memory tier counts "
+            f"{extra['counted_by_memory_tier_per_entry_bytes']:,.0f}); "
+            f"per open connection {extra['rss_per_connection_kib']:.1f} KiB "
+            f"({extra['connections']:,} idle keep-alive connections)"
         )
-        if "rss_mib" in extra:
-            notes.append(
-                f"RSS {extra['rss_mib']:.0f} MiB after (at start {extra['rss_before_mib']:.0f})"
-            )
     elif row.scenario == BURST and "upstream_calls_per_round" in extra:
         rounds = extra["upstream_calls_per_round"]
         notes.append(
@@ -105,6 +109,40 @@ def _notes(row: Row) -> str:
         notes.append(f"upstream calls during the run: {extra['upstream_calls']}")
     notes += row.notes
     return "; ".join(notes).replace("|", "/")
+
+
+def _replay_notes(row: Row) -> list[str]:
+    extra = row.extra
+    notes = [
+        f"hit ratio {extra['hit_ratio']:.3f} (unbounded cache: {extra['ideal_hit_ratio']:.3f}), "
+        f"{extra['upstream_calls_saved']:,} of {row.requests:,} upstream calls saved, "
+        f"{extra['syntheses_per_key']:.3f} syntheses per distinct key"
+    ]
+    tiers = extra.get("answers_by_tier")
+    if tiers and row.requests:
+        shares = ", ".join(f"{k} {v / row.requests:.1%}" for k, v in sorted(tiers.items()))
+        notes.append(f"answers by tier: {shares}")
+    if "volume_hit_ttfb_p50_ms" in extra:
+        notes.append(
+            f"Volume hit TTFB p50 {extra['volume_hit_ttfb_p50_ms']:.1f}, "
+            f"p99 {extra['volume_hit_ttfb_p99_ms']:.1f} ms"
+        )
+    if "files_api_calls_per_request" in extra:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(extra["files_api_calls"].items()))
+        notes.append(
+            f"Files API calls per request {extra['files_api_calls_per_request']:.2f} ({kinds}; "
+            f"{extra['files_api_calls_after_load']:,} after the load), "
+            f"{extra['throttled_429']} answered 429, most at once {extra['most_calls_at_once']}, "
+            f"calls waited {extra['limiter_wait_seconds']:.1f} s in all for the limiter; "
+            f"write-behind: {extra['stored']:.0f} stored, {extra['writes_done']:.0f} written, "
+            f"{extra['writes_skipped']:.0f} skipped (backlog full), "
+            f"{extra['volume_errors']:.0f} Volume errors counted"
+        )
+    if "rss_mib" in extra:
+        notes.append(
+            f"RSS {extra['rss_mib']:.0f} MiB after (at start {extra['rss_before_mib']:.0f})"
+        )
+    return notes
 
 
 def to_json(meta: dict[str, Any], rows: list[Row], verdicts: list[Verdict]) -> str:

@@ -25,8 +25,9 @@ import aiohttp
 from bench import report
 from bench.peers import REPO, CpuPlan, Lab, nginx_binary
 from bench.procs import Children
+from bench.registry import RUNNERS, SCENARIOS
 from bench.results import failed
-from bench.scenarios import RUNNERS, SCENARIOS, Bench, Options
+from bench.scenarios import Bench, Options
 from bench.targets import evaluate
 from proxy.cli import new_event_loop
 
@@ -103,14 +104,18 @@ async def _run(
                 bench.add(failed(name, "-", "-", 0, exc))
     finally:
         await children.stop_all()
+        for cleanup in bench.cleanups if bench is not None else ():
+            with contextlib.suppress(Exception):
+                cleanup()
         if not keep_temp:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             log.info("logs and configs kept in %s", folder)
     meta = await _meta(options, cpus, started, time.monotonic() - clock, only)
-    verdicts = evaluate(bench.rows, options.sizes)
-    paths = report.write_all(output, meta, bench.rows, verdicts)
-    print(report.markdown(meta, bench.rows, verdicts))
+    rows = bench.rows if bench is not None else []
+    verdicts = evaluate(rows, options.sizes)
+    paths = report.write_all(output, meta, rows, verdicts)
+    print(report.markdown(meta, rows, verdicts))
     print("written: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 

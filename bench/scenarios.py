@@ -13,6 +13,7 @@ from typing import Final
 
 import aiohttp
 
+from bench.files_peers import seed_style
 from bench.loadgen import (
     LoadRun,
     Sample,
@@ -23,9 +24,9 @@ from bench.loadgen import (
     percentile,
 )
 from bench.peers import Backend, CpuPlan, Lab, Peer, Unavailable
-from bench.procs import StartFailed, rss_bytes
+from bench.procs import StartFailed
 from bench.results import OK, Row, failed, unavailable
-from bench.workload import SpeakCall, speak_call, zipf_replay
+from bench.workload import SpeakCall, speak_call
 from bench.wrk import WrkResult, lua_script, run_wrk
 
 log = logging.getLogger("bench")
@@ -37,11 +38,9 @@ VOLUME_HIT: Final = "volume hit"
 MISS: Final = "miss"
 BURST: Final = "burst"
 REPLAY: Final = "replay"
-SCENARIOS: Final = (MEMORY_HIT, VOLUME_HIT, MISS, BURST, REPLAY)
 MISS_BEHAVIOUR: Final = {"size": 64 * KIB, "chunks": 20, "chunk_delay": 0.010}
 FAST_BEHAVIOUR: Final = {"size": 64 * KIB, "chunks": 8, "chunk_delay": 0.0}
 REPLAY_MEMORY_BYTES: Final = 64 * MIB
-RSS_ALLOWANCE_BYTES: Final = 40 * MIB
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,10 @@ class Options:
     replay_requests: int = 20_000
     replay_concurrency: int = 32
     seed_replay_seconds: float = 12.0
+    production_requests: int = 8_000
+    production_seconds: float = 30.0
+    footprint_entries: int = 10_000
+    footprint_connections: int = 1_000
 
     @classmethod
     def quick(cls) -> Options:
@@ -71,6 +74,10 @@ class Options:
             burst_rounds=1,
             replay_requests=3_000,
             seed_replay_seconds=4.0,
+            production_requests=1_500,
+            production_seconds=8.0,
+            footprint_entries=2_000,
+            footprint_connections=200,
         )
 
 
@@ -87,15 +94,17 @@ class Bench:
     folder: Path
     cpus: CpuPlan
     rows: list[Row] = field(default_factory=list)
+    # Run when the whole run ends, whatever happened (a PostgreSQL cluster's removal).
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
     _peers: dict[str, Peer | Unavailable] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
-    async def peer(self, key: str) -> Peer | Unavailable:
-        """The peer named `key`, started the first time it is asked for."""
+    async def peer(self, key: str, spec: PeerSpec | None = None) -> Peer | Unavailable:
+        """The peer named `key` (from PEERS unless `spec` is given), started on first use."""
         if key not in self._peers:
             log.info("starting %s", key)
             try:
-                self._peers[key] = await PEERS[key](self)
+                self._peers[key] = await (spec or PEERS[key])(self)
             except StartFailed as exc:
                 self._peers[key] = Unavailable(key, key, f"did not start: {exc}", broken=True)
         return self._peers[key]
@@ -146,7 +155,7 @@ PEERS: Final[dict[str, PeerSpec]] = {
     "ours-2w": lambda b: b.lab.ours("ours-2w", "ours (2 workers)", b.backend, workers=2),
     "ours-1w-log": lambda b: b.lab.ours(
         "ours-1w-log",
-        "ours (1 worker, access log on)",
+        "ours (1 worker, access log on: the default)",
         b.backend,
         settings={"server.access_log": True},
     ),
@@ -156,12 +165,13 @@ PEERS: Final[dict[str, PeerSpec]] = {
         b.backend,
         settings={"cache.memory.max_bytes": 0},
     ),
-    "seed-style": lambda b: b.lab.seed_style(b.backend),
+    "seed-style": lambda b: seed_style(b.lab, b.backend),
+    # The default configuration (access log on), its memory tier smaller than the working set.
     "ours-replay": lambda b: b.lab.ours(
         "ours-replay",
-        f"ours (memory {REPLAY_MEMORY_BYTES // MIB} MiB)",
+        f"ours (memory {REPLAY_MEMORY_BYTES // MIB} MiB, access log on)",
         b.backend,
-        settings={"cache.memory.max_bytes": REPLAY_MEMORY_BYTES},
+        settings={"cache.memory.max_bytes": REPLAY_MEMORY_BYTES, "server.access_log": True},
     ),
 }
 
@@ -182,10 +192,7 @@ async def memory_hit(bench: Bench) -> None:
             await _throughput(bench, MEMORY_HIT, ceiling, size, expect=None)
         finally:
             await bench.lab.stop(ceiling)
-        keys = ["nginx", "ours-1w", "ours-2w"]
-        if size == bench.options.sizes[0]:
-            keys.append("ours-1w-log")
-        for key in keys:
+        for key in ("nginx", "ours-1w-log", "ours-1w", "ours-2w"):
             peer = await bench.peer(key)
             await _throughput(bench, MEMORY_HIT, peer, size, expect="memory")
     await bench.release("ours-2w", "ours-1w-log")
@@ -333,13 +340,13 @@ async def miss(bench: Bench) -> None:
         return
     sent = sum(len(run.samples) + run.failures for run in runs)
     for peer, run in zip(peers, runs, strict=True):
-        row = _row_from_run(MISS, peer, size, run)
+        row = row_from_run(MISS, peer, size, run)
         row.extra["upstream_calls_all_peers"] = upstream
         row.extra["requests_all_peers"] = sent
         if upstream != sent:
             row.problem(f"{upstream} upstream calls for {sent} requests: not all were misses")
         if peer.kind == "ours":
-            _expect_header(row, run, "miss")
+            expect_header(row, run, "miss")
         bench.add(row)
 
 
@@ -369,7 +376,7 @@ async def burst_of_misses(bench: Bench) -> None:
                     peer.speak_url, peer.url + peer.ping_path, call, options.burst_size
                 )
                 calls_per_round.append(await bench.backend.calls() - before)
-                _check_run(row, run, size)
+                check_run(row, run, size)
                 leader, joined = _split_leader(peer, run.samples, row)
                 leaders.append(leader.ttfb * 1000)
                 lags += [(s.first_byte_at - leader.first_byte_at) * 1000 for s in joined]
@@ -409,57 +416,6 @@ def _split_leader(peer: Peer, samples: list[Sample], row: Row) -> tuple[Sample, 
     return ordered[0], ordered[1:]
 
 
-# Replay: a Zipf workload over many users, messages and voices.
-
-
-async def replay(bench: Bench) -> None:
-    """Hit ratio, upstream calls saved and resident memory under a realistic replay."""
-    await bench.backend.behave(**FAST_BEHAVIOUR)
-    options = bench.options
-    workload = zipf_replay(requests=options.replay_requests)
-    size = int(FAST_BEHAVIOUR["size"])
-    for key in ("ours-replay", "nginx", "seed-style"):
-        peer = await bench.peer(key)
-        if isinstance(peer, Unavailable):
-            bench.add(absent(REPLAY, peer, size))
-            continue
-        cap = options.seed_replay_seconds if key == "seed-style" else None
-        try:
-            rss_before = rss_bytes(peer.pid)
-            before = await bench.backend.calls()
-            run = await closed_loop(
-                peer.speak_url,
-                workload.calls,
-                concurrency=options.replay_concurrency,
-                max_seconds=cap,
-            )
-            upstream = await bench.backend.calls() - before
-            await asyncio.sleep(0.5)  # write-behind settles before memory is read
-            rss_after = rss_bytes(peer.pid)
-        except Exception as exc:
-            bench.add(failed(REPLAY, peer.key, peer.label, size, exc))
-            continue
-        row = _row_from_run(REPLAY, peer, size, run)
-        sent = len(run.samples) + run.failures
-        distinct = len({(c.user, c.body) for c in workload.calls[:sent]})
-        row.extra.update(
-            upstream_calls=upstream,
-            upstream_calls_saved=sent - upstream,
-            hit_ratio=1 - upstream / sent if sent else math.nan,
-            ideal_hit_ratio=1 - distinct / sent if sent else math.nan,
-            distinct_keys=distinct,
-        )
-        if peer.kind in ("ours", "seed-style"):
-            hits = sum(1 for s in run.samples if s.cache == "hit")
-            row.extra["header_hit_ratio"] = hits / sent if sent else math.nan
-            row.extra["rss_before_mib"] = rss_before / MIB
-            row.extra["rss_mib"] = rss_after / MIB
-            row.extra["memory_max_bytes"] = int(peer.settings.get("cache.memory.max_bytes", 0))
-        if sent < len(workload.calls):
-            row.notes.append(f"stopped after {cap:g} s: {sent} of {len(workload.calls)} requests")
-        bench.add(row)
-
-
 def absent(scenario: str, peer: Unavailable, size: int) -> Row:
     """The row of a peer that did not run: unavailable here, or invalid when it broke."""
     row = unavailable(scenario, peer.key, peer.label, size, peer.reason)
@@ -470,7 +426,7 @@ def absent(scenario: str, peer: Unavailable, size: int) -> Row:
     return row
 
 
-def _row_from_run(scenario: str, peer: Peer, size: int, run: LoadRun) -> Row:
+def row_from_run(scenario: str, peer: Peer, size: int, run: LoadRun) -> Row:
     row = Row(scenario, peer.key, peer.label, size)
     totals, ttfbs = run.totals_ms(), run.ttfbs_ms()
     row.rps, row.requests = run.rps, len(run.samples)
@@ -478,13 +434,13 @@ def _row_from_run(scenario: str, peer: Peer, size: int, run: LoadRun) -> Row:
     row.ttfb_p50_ms, row.ttfb_p99_ms = percentile(ttfbs, 50), percentile(ttfbs, 99)
     row.curves["latency"] = curve(totals)
     row.curves["ttfb"] = curve(ttfbs)
-    _check_run(row, run, size)
+    check_run(row, run, size)
     if not peer.child.running:
         row.problem("the server exited during the run")
     return row
 
 
-def _check_run(row: Row, run: LoadRun, size: int) -> None:
+def check_run(row: Row, run: LoadRun, size: int) -> None:
     if run.failures:
         row.problem(f"{run.failures} requests failed, e.g. {run.failure_examples[0]}")
     bad = [s for s in run.samples if s.status != 200 or s.size != size]
@@ -494,16 +450,10 @@ def _check_run(row: Row, run: LoadRun, size: int) -> None:
         row.problem("no request completed")
 
 
-def _expect_header(row: Row, run: LoadRun, value: str) -> None:
+def expect_header(row: Row, run: LoadRun, value: str) -> None:
     other = [s.cache for s in run.samples if s.cache != value]
     if other:
         row.problem(f"{len(other)} answers said X-TTS-Cache: {other[0]}, not {value}")
 
 
-RUNNERS: Final[dict[str, Callable[[Bench], Awaitable[None]]]] = {
-    MEMORY_HIT: memory_hit,
-    VOLUME_HIT: volume_hit,
-    MISS: miss,
-    BURST: burst_of_misses,
-    REPLAY: replay,
-}
+Runner = Callable[[Bench], Awaitable[None]]

@@ -125,6 +125,13 @@ class Fill:
                 max_entry_bytes=self._max_entry_bytes,
             )
             first = response.read_buffered()
+            if response.body_complete():
+                # The whole body came with the head (a short answer): the fill ends in this
+                # turn, with no body task to start and no second wake-up of its clients.
+                self._accept(first)
+                self._ready.set()
+                self._end_whole(response, on_end)
+                return None
             if len(self._readers) <= 1:
                 # What came with the head is the first chunk: the one client gets it without
                 # waiting for the body task to start.
@@ -168,6 +175,16 @@ class Fill:
             self.broken = True
         finally:
             self._end(response, on_end)
+
+    def _end_whole(self, response: UpstreamResponse, on_end: Callable[[Fill], None]) -> None:
+        """End a fill whose whole body came with its head: checked, committed, then ended, in
+        one turn (as _body does after the last chunk)."""
+        expected = self.headers.get(hdrs.CONTENT_LENGTH)
+        if expected is not None and expected.isdigit() and int(expected) != self.received:
+            self.broken = True
+        if self.storable and not self.broken:
+            self._commit()
+        self._end(response, on_end)
 
     def _end(self, response: UpstreamResponse | None, on_end: Callable[[Fill], None]) -> None:
         if response is not None:

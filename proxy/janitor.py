@@ -9,9 +9,11 @@ records the Volume's entries in the index (`proxy/index/backfill.py`). Every ste
 
 With a PostgreSQL index the figures come from the index and one replica (the holder of a lease in
 the index, `index/lease.py`) does the work for the fleet, confirming the lease before each
-deletion. Without one, each run walks the Volume: a local Volume's last hit
+deletion. Without one, a run that has a budget to keep walks the Volume: a local Volume's last hit
 is its sidecar's mtime; a Databricks Volume keeps no access times, so there an entry is idle since
-it was written, unless this process saw it hit in memory (`record_hit`).
+it was written, unless this process saw it hit in memory (`record_hit`). Without a budget (the
+default) no run walks every entry: leftovers are looked for in a bounded walk that resumes where
+the last run stopped.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LEFTOVER_GRACE_SECONDS: Final = 900.0
 # Memory hits remembered between runs without an index; past it the oldest are forgotten.
 MAX_RECORDED_HITS: Final = 50_000
+# Without an index, budgets are kept by walking every entry on each run: past this many entries
+# each run says so (bench/README.md, "Cost as the Volume grows": a Files API walk of 10,000
+# entries is about 3,400 listings, 40 s of a replica's call budget).
+WALK_WARNING_ENTRIES: Final = 10_000
 
 # Asked before each deletion: may this process delete now?
 MayDelete = Callable[[], Awaitable[bool]]
@@ -128,6 +134,12 @@ class Janitor:
         self._records_hits = index is None and self.enabled
         self._running = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        """True when a Volume budget is set (a TTL, a user quota or a total)."""
+        budgets = self.settings.volume
+        return budgets.ttl_seconds > 0 or budgets.user_max_bytes > 0 or budgets.max_bytes > 0
 
     @property
     def enabled(self) -> bool:
@@ -219,6 +231,9 @@ class Janitor:
         await self._clean_leftovers(report)
         volume = self._volume
         assert volume is not None
+        if not self.has_budget:
+            # Nothing to enforce: no walk of every entry (its cost grows with the Volume).
+            return
         if self._hits:
             # Into the Volume where it keeps hit times, so other processes and the next start
             # see them too; otherwise they stay here for the walk ledger.
@@ -227,9 +242,18 @@ class Janitor:
                 for key, at in seen.items():
                     if self._hits.get(key) == at:
                         del self._hits[key]
+        started = time.monotonic()
         ledger = WalkLedger(await volume.scan(), self._hits)
         await self._apply_budgets(ledger, report, _always)
         self.last_walk = ledger.summary()
+        if self.last_walk.entries > WALK_WARNING_ENTRIES:
+            log.warning(
+                "janitor: the Volume's budgets took a walk of all its %d entries (%.1fs); past "
+                "%d entries keep them with the index (index.dsn), which needs no walk",
+                self.last_walk.entries,
+                time.monotonic() - started,
+                WALK_WARNING_ENTRIES,
+            )
 
     async def _clean_leftovers(self, report: JanitorReport) -> None:
         assert self._volume is not None

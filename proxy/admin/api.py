@@ -25,6 +25,7 @@ from proxy.stats import CacheStats
 from proxy.storage.disk import DiskGuard
 from proxy.storage.scope import BadScope, Scope
 from proxy.storage.tiered import TieredCache
+from proxy.walk_ledger import VolumeSummary
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class AdminApi:
     ownership: OwnershipCheck | None = None
     janitor: Janitor | None = None
     disk_guard: DiskGuard | None = None
-    # (entries, bytes) from a brief-cached Volume scan, for when no index knows them.
-    volume_totals: Callable[[], Awaitable[tuple[int, int] | None]] | None = None
+    # Entries, bytes and largest users from a brief-cached Volume scan, for when no index knows
+    # them (None where a walk for them costs too much).
+    volume_totals: Callable[[], Awaitable[VolumeSummary | None]] | None = None
     # The other workers and replicas: told of purges, and summed into the statistics.
     broadcast: Broadcast | None = None
     view: GroupView | None = None
@@ -127,8 +129,12 @@ class AdminApi:
             # (stats, metrics, dashboard) come from the same scan, at most seconds old.
             totals = await self.volume_totals()
             if totals is not None:
-                entries, size = totals
-                tiers["volume"] = {"entries": entries, "bytes": size, "source": "scan"}
+                scanned = {"entries": totals.entries, "bytes": totals.bytes, "source": "scan"}
+                tiers["volume"] = scanned
+                top_users = [
+                    {"user": user, "entries": entries, "bytes": size}
+                    for user, entries, size in totals.top_users
+                ]
         return {
             "processes": group.describe(),
             "tiers": tiers,

@@ -161,6 +161,10 @@ class VolumeResponse:
         """A whole entry at once; nothing yet for a stream."""
         return self._found.body if isinstance(self._found, Entry) else b""
 
+    def body_complete(self) -> bool:
+        """A whole entry came in read_buffered; a stream's body is still to come."""
+        return isinstance(self._found, Entry)
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """A stream's chunks, checked as they come (UpstreamError when corrupt)."""
         found = self._found

@@ -298,6 +298,10 @@ class OwnerResponse:
         """Nothing: the body comes in frames."""
         return b""
 
+    def body_complete(self) -> bool:
+        """Never: the body comes in frames."""
+        return False
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as the owner's fill reads it; UpstreamError when it broke or went silent."""
         while True:

@@ -81,6 +81,11 @@ class UpstreamResponse(Protocol):
         """The body, chunk by chunk, as it arrives; raises on a broken stream."""
         ...
 
+    def body_complete(self) -> bool:
+        """True when read_buffered took the whole body and it ended in order: iter_chunks would
+        yield nothing more and raise nothing. False whenever that is not known."""
+        ...
+
     def close(self) -> None:
         """Stop reading and release the connection."""
 
@@ -122,6 +127,10 @@ class ClosingResponse:
     def iter_chunks(self) -> AsyncIterator[bytes]:
         """The rest of the body as it arrives."""
         return self._response.iter_chunks()
+
+    def body_complete(self) -> bool:
+        """Whether read_buffered took the whole body."""
+        return self._response.body_complete()
 
     def close(self) -> None:
         """Close the response, then call `on_close`."""

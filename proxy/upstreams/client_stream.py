@@ -46,6 +46,12 @@ class ClientStream:
         except aiohttp.ClientError:
             return b""  # the stream failed: iter_chunks raises it, where it is handled
 
+    def body_complete(self) -> bool:
+        """True when the parser has seen the body's end (its length, or its last chunk) and
+        read_buffered took everything; a body read until the close is never complete here."""
+        content = self._response.content
+        return not self._until_close and content.is_eof() and not content.exception()
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; raises UpstreamError when it is cut short."""
         try:

@@ -133,6 +133,10 @@ class ProviderResponse:
         """Nothing: a provider's audio all comes through iter_chunks."""
         return b""
 
+    def body_complete(self) -> bool:
+        """False: the audio comes through iter_chunks."""
+        return False
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The audio as it arrives; raises ProviderError when the stream breaks."""
         try:
@@ -294,6 +298,10 @@ class PrimedResponse:
     def read_buffered(self) -> bytes:
         """Nothing: the first chunk, read already, comes first from iter_chunks."""
         return b""
+
+    def body_complete(self) -> bool:
+        """False: the first chunk and the rest come through iter_chunks."""
+        return False
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The first chunk, then the rest as it arrives."""

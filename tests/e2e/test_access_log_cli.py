@@ -67,8 +67,20 @@ async def test_serve_logs_json_lines_with_the_request_id(
         ) as response:
             assert response.headers["X-Request-Id"] == "cli-1"
             await response.read()
+        async with session.post(
+            f"{proxy.url}/api/tts/speak",
+            json=speak_body(text="do not log me"),
+            headers={**ALICE, "X-Request-Id": "cli-2"},
+        ) as response:
+            assert response.headers["X-TTS-Cache"] == "hit"
+            await response.read()
     line = await wait_for_line(proxy, request_id="cli-1")
     assert line["cache"] == "miss" and line["path"] == "/api/tts/speak"
+    # The hit's line is made by the writer thread from the values taken at the response.
+    hit = await wait_for_line(proxy, request_id="cli-2")
+    assert (hit["cache"], hit["tier"], hit["status"]) == ("hit", "memory", 200)
+    assert hit["key"] == line["key"] and hit["key"] is not None
+    assert hit["upstream_ms"] is None and hit["total_ms"] >= 0
     assert "do not log me" not in proxy.log()
 
 

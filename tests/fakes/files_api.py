@@ -17,8 +17,9 @@ What it follows, and where from:
   `POST /api/2.0/fs/create-download-url` (its default download path: a presigned URL).
 - Invalid tokens answer 403 "Invalid access token.", missing credentials 401.
 
-Faults, latency and corruption are injected at runtime by the tests; `max_concurrent` is the
-workspace's concurrency limit (429 with Retry-After past it, counted in `over_limit`).
+Faults, latency and corruption are injected at runtime by the tests; `max_concurrent` and
+`max_per_second` are the workspace's request budget (429 with Retry-After past either, counted
+in `over_limit`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import json
 import re
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,6 +160,7 @@ class FilesApiEmulator(LocalServer):
         account_id: str = "00000000-0000-0000-0000-000000000000",
         token_lifetime_seconds: int = 3600,
         max_concurrent: int | None = None,
+        max_per_second: int | None = None,
     ) -> None:
         super().__init__()
         self.volumes: tuple[str, ...] = tuple(v.rstrip("/") for v in volumes)
@@ -184,6 +186,10 @@ class FilesApiEmulator(LocalServer):
         self.max_in_flight = 0
         # The workspace's concurrency limit: a call past it is answered 429 at once, counted.
         self.max_concurrent = max_concurrent
+        # The workspace's rate limit: calls started within the last second, past which a call is
+        # answered 429 at once (counted in over_limit too).
+        self.max_per_second = max_per_second
+        self._started: deque[float] = deque()
         self.over_limit = 0
         self.faults: list[Fault] = []
         # Awaited with each new OAuth token before it is sent (e.g. to make it a database
@@ -323,6 +329,11 @@ class FilesApiEmulator(LocalServer):
             response = _too_many(method, "Too many concurrent requests.", retry_after=1)
             record.status = response.status
             return response
+        if counted and self.max_per_second is not None and not self._within_rate():
+            self.over_limit += 1
+            response = _too_many(method, "Too many requests per second.", retry_after=1)
+            record.status = response.status
+            return response
         if counted:  # the concurrency the Files API would see from this client
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -338,6 +349,17 @@ class FilesApiEmulator(LocalServer):
                 self.in_flight -= 1
         record.status = response.status
         return response
+
+    def _within_rate(self) -> bool:
+        """True, and the call counted, when fewer than max_per_second started in the last second."""
+        now = time.monotonic()
+        started = self._started
+        while started and started[0] <= now - 1.0:
+            started.popleft()
+        if self.max_per_second is not None and len(started) >= self.max_per_second:
+            return False
+        started.append(now)
+        return True
 
     async def _route(
         self,

@@ -338,3 +338,21 @@ async def test_calls_past_the_concurrency_limit_are_throttled() -> None:
 
     assert sorted(answers, key=str) == [(404, None)] * 3 + [(429, "1")] * 2
     assert (server.max_in_flight, server.over_limit) == (3, 2)
+
+
+async def test_calls_past_the_rate_limit_are_throttled() -> None:
+    server = FilesApiEmulator(max_per_second=4)
+    await server.start()
+    url = f"{server.url}/api/2.0/fs/files{VOLUME}/missing.bin"
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {PAT}"}) as session:
+            statuses = []
+            for _ in range(6):
+                async with session.head(url) as response:
+                    statuses.append(response.status)
+    finally:
+        await server.stop()
+
+    # Six calls in a row, well within a second: the budget is four.
+    assert statuses == [404] * 4 + [429] * 2
+    assert server.over_limit == 2

@@ -246,12 +246,31 @@ async def test_batches_are_bounded_and_converge(harness: Harness) -> None:
         backdate(leftover, harness.clock.now - LONG_AGO)
     janitor = harness.janitor(batch=2, max_bytes=2 * SIZE)
 
-    reports = [await janitor.run_once() for _ in range(4)]
+    reports = [await janitor.run_once() for _ in range(8)]
 
-    assert [r.evicted_budget for r in reports] == [2, 2, 1, 0]
-    assert [r.orphans_removed for r in reports] == [2, 1, 0, 0]
+    assert [r.evicted_budget for r in reports] == [2, 2, 1, 0, 0, 0, 0, 0]
+    # The leftovers are found as the walk, a few folders a run, reaches theirs.
+    assert all(r.orphans_removed <= 2 for r in reports)
+    assert sum(r.orphans_removed for r in reports) == 3
     assert await harness.stored() == set(keys[5:])
     assert not list(harness.folder(keys[-1]).glob(".tmp-*"))
+
+
+async def test_without_a_budget_no_run_walks_every_entry(make_harness: MakeHarness) -> None:
+    harness = await make_harness(None)
+    for n in range(3):
+        await harness.store(key(n), age=100)
+
+    unbudgeted = harness.janitor()
+    report = await unbudgeted.run_once()
+    budgeted = harness.janitor(max_bytes=100 * SIZE)
+    await budgeted.run_once()
+
+    assert report.elected and report.evicted == 0
+    assert unbudgeted.last_walk is None
+    # With a budget to keep, the run knows every entry (here: nothing over the budget).
+    assert budgeted.last_walk is not None and budgeted.last_walk.entries == 3
+    assert await harness.stored() == {key(n) for n in range(3)}
 
 
 async def test_memory_hits_count_when_walking_and_reach_the_sidecar(

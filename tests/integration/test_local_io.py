@@ -1,4 +1,4 @@
-"""The local Volume's threads: writes below the loop's priority, reads waited for briefly."""
+"""The local Volume's threads: walks below the loop's priority, reads never on the loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
-from proxy.storage.local.io import BACKGROUND_NICE, READ_WAIT_SECONDS
+from proxy.storage.local.io import BACKGROUND_NICE
 from tests.local_volume import KEY, entry
 
 
@@ -28,7 +28,7 @@ def thread_nice_values() -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-async def test_writes_run_in_threads_of_lower_priority_than_reads_and_the_loop(
+async def test_walks_and_deletes_run_below_the_loops_priority_writes_and_reads_at_it(
     tmp_path: Path,
 ) -> None:
     before = thread_nice_values()
@@ -38,18 +38,22 @@ async def test_writes_run_in_threads_of_lower_priority_than_reads_and_the_loop(
         await volume.put(KEY, entry())
         written = thread_nice_values()
         assert await volume.get(KEY) is not None
-        after = thread_nice_values()
+        read = thread_nice_values()
+        await volume.delete(KEY)
+        deleted = thread_nice_values()
     finally:
         await volume.aclose()
-    writers = {tid for tid in written if tid not in before}
-    readers = {tid for tid in after if tid not in written}
-    assert writers and readers
-    assert {written[tid] for tid in writers} == {min(19, ours + BACKGROUND_NICE)}
-    assert {after[tid] for tid in readers} == {ours}
-    assert after[threading.get_native_id()] == ours
+    writer = {tid for tid in written if tid not in before}
+    readers = {tid for tid in read if tid not in written}
+    background = {tid for tid in deleted if tid not in read}
+    assert writer and readers and background
+    assert {written[tid] for tid in writer} == {ours}
+    assert {read[tid] for tid in readers} == {ours}
+    assert {deleted[tid] for tid in background} == {min(19, ours + BACKGROUND_NICE)}
+    assert deleted[threading.get_native_id()] == ours
 
 
-async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
+async def test_a_slow_read_never_holds_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     volume = LocalVolume(tmp_path)
@@ -76,7 +80,7 @@ async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
     try:
         started = time.perf_counter()
         found = await volume.get(KEY)
-        second = await volume.get(KEY)  # within the back-off: awaited at once
+        second = await volume.get(KEY)
         took = time.perf_counter() - started
     finally:
         ticking.cancel()
@@ -84,26 +88,6 @@ async def test_a_slow_read_holds_the_event_loop_no_longer_than_the_read_wait(
     assert found is not None and found.body == entry().body
     assert second is not None and second.body == entry().body
     assert took >= 0.4
-    # The loop went on while the reads waited for the disk: it was held once, for the wait.
-    assert max(gaps) < READ_WAIT_SECONDS + 0.05
+    # The loop went on while the reads waited for the disk.
+    assert max(gaps) < 0.05
     assert len(gaps) > 100
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-async def test_writes_queued_past_the_background_threads_run_at_normal_priority(
-    tmp_path: Path,
-) -> None:
-    before = thread_nice_values()
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    volume = LocalVolume(tmp_path)
-    keys = [CacheKey("alice@example.com", "t-9", f"m-{n}", "af_nicole") for n in range(12)]
-    try:
-        await asyncio.gather(*(volume.put(key, entry()) for key in keys))
-        during = thread_nice_values()
-        found = [await volume.get(key) for key in keys]
-    finally:
-        await volume.aclose()
-    assert all(item is not None and item.body == entry().body for item in found)
-    writers = {during[tid] for tid in during if tid not in before}
-    # Four low-priority writers had their hands full: the rest went to normal-priority ones.
-    assert writers == {ours, min(19, ours + BACKGROUND_NICE)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 from pathlib import Path
 
@@ -142,3 +143,50 @@ async def test_delete_prefix_while_another_process_writes_under_it(tmp_path: Pat
     finally:
         stop.set()
         writer.join()
+
+
+async def test_the_orphan_walk_looks_at_a_bounded_number_of_folders_and_resumes(
+    tmp_path: Path,
+) -> None:
+    volume = LocalVolume(tmp_path)
+    keys = [CacheKey(KEY.user, KEY.thread_id, f"m-{n}", KEY.voice) for n in range(6)]
+    for stored in keys:
+        await volume.put(stored, entry())
+        (folder(tmp_path, stored) / ".tmp-crashed").write_bytes(b"half an object")
+    never = 2**40  # everything counts as old
+
+    first = await volume.clean_orphans(limit=2, older_than=never)
+    left = [k for k in keys if (folder(tmp_path, k) / ".tmp-crashed").exists()]
+    # Two folders looked at, one leftover each; the others wait for the next calls.
+    assert first == 2 and len(left) == 4
+    removed = [await volume.clean_orphans(limit=2, older_than=never) for _ in range(4)]
+    assert sum(removed) == 4
+    assert not list((tmp_path / "tts_audio").rglob(".tmp-*"))
+    assert [await volume.get(k) for k in keys] == [entry()] * 6
+    await volume.aclose()
+
+
+async def test_totals_stop_walking_a_volume_grown_past_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.admin import entries
+    from proxy.storage.tiered import TieredCache
+
+    monkeypatch.setattr(entries, "TOTALS_WALK_LIMIT", 2)
+    volume = LocalVolume(tmp_path)
+    cache = TieredCache(None, volume, timeout_seconds=5, logger=logging.getLogger("test"))
+    now = [0.0]
+    browser = entries.EntryBrowser(cache, None, clock=lambda: now[0])
+    await volume.put(KEY, entry())
+    small = await browser.volume_totals()
+    for n in range(2):
+        await volume.put(CacheKey(KEY.user, KEY.thread_id, f"m-{n}", KEY.voice), entry())
+    now[0] += 60
+    counted = await browser.volume_totals()  # the walk that finds it past the limit
+    now[0] += 60
+    past = await browser.volume_totals()
+    await volume.aclose()
+
+    assert small is not None and small.entries == 1
+    assert counted is not None and counted.entries == 3
+    assert past is None  # not walked again for totals

@@ -355,3 +355,29 @@ async def test_content_entries_on_a_databricks_volume_are_walked_and_purged(
     assert found == {("_text", digest), ("t-1", "m-1")}
     assert await volume.delete_prefix("alice@example.com") == 2
     assert emulator.read(stored) is None
+
+
+async def test_metrics_and_stats_never_walk_a_files_api_volume(
+    aiohttp_client: Any,
+    legacy_backend: FakeLegacyBackend,
+    tmp_path: Path,
+    emulator: FilesApiEmulator,
+) -> None:
+    settings = databricks_settings(tmp_path, legacy_backend, **{"admin.token": "t" * 32})
+    client = await aiohttp_client(create_app(settings))
+    for number in range(3):
+        status, _, _ = await speak(client, body(message_id=f"m-{number}"))
+        assert status == 200
+    await client.app[CACHE].drain()
+    listings = emulator.count("GET", "directories")
+
+    async with client.get("/_proxy/metrics") as scraped:
+        metrics = await scraped.text()
+    headers = {"Authorization": f"Bearer {'t' * 32}"}
+    async with client.get("/_proxy/admin/api/stats", headers=headers) as response:
+        stats = await response.json()
+
+    # A walk would cost a listing per folder from the replica's call budget on every scrape.
+    assert emulator.count("GET", "directories") == listings
+    assert 'tts_proxy_cache_entries{tier="volume"}' not in metrics
+    assert "volume" not in stats["tiers"]

@@ -172,6 +172,21 @@ async def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
         await volume.get(KEY)
 
 
+async def test_a_message_folder_linked_out_of_a_known_thread_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "volume"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    volume = LocalVolume(root)
+    await volume.put(KEY, entry())  # the thread's folder is resolved and remembered
+    linked = CacheKey(KEY.user, KEY.thread_id, "m-linked", KEY.voice)
+    folder(root, linked).symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(ValueError):
+        await volume.put(linked, entry())
+    assert anything_under(outside) == []
+    assert await volume.get(KEY) == entry()
+
+
 async def test_a_new_extension_replaces_the_old_object(tmp_path: Path) -> None:
     volume = LocalVolume(tmp_path)
     await volume.put(KEY, entry(b"mp3 bytes"))

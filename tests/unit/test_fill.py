@@ -39,6 +39,9 @@ class SlowAudio:
             await self.release.get()
             yield chunk
 
+    def body_complete(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -132,6 +135,67 @@ class HeadWithBody(SlowAudio):
     def read_buffered(self) -> bytes:
         first, self.first = self.first, b""
         return first
+
+
+class WholeWithHead(HeadWithBody):
+    """An upstream whose whole body came with the head (a short answer)."""
+
+    def __init__(self, body: bytes, *, length: int | None = None) -> None:
+        super().__init__(body, [])
+        self.headers["Content-Length"] = str(len(body) if length is None else length)
+        self.answer.set()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        raise AssertionError("a whole body needs no more reading")
+        yield b""  # pragma: no cover
+
+    def body_complete(self) -> bool:
+        return True
+
+
+async def test_a_body_that_came_whole_with_the_head_ends_the_fill_in_the_same_turn() -> None:
+    stored: list[Entry] = []
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: stored.append(e),
+    )
+    flights = Flights()
+    flight = (KEY, SPEAK.text_sha256(), None)
+    reader = fill.reader()
+
+    await flights.lead(flight, fill, WholeWithHead(b"short audio"))
+
+    # Stored and out of the flight table before lead() returned: no body task was needed.
+    assert fill.done and fill.task is None and flights.joinable(flight) is None
+    assert [e.body for e in stored] == [b"short audio"]
+    assert [chunk async for chunk in reader] == [b"short audio"]
+
+
+async def test_a_whole_body_shorter_than_its_length_is_neither_stored_nor_complete() -> None:
+    stored: list[Entry] = []
+    fill = Fill(
+        KEY,
+        call(),
+        text_sha256=SPEAK.text_sha256(),
+        max_entry_bytes=1000,
+        on_commit=lambda k, e: stored.append(e),
+    )
+    reader = fill.reader()
+
+    await Flights().lead((KEY, SPEAK.text_sha256(), None), fill, WholeWithHead(b"cut", length=9))
+
+    assert fill.broken and stored == []
+    chunks = aiter(reader)
+    assert await anext(chunks) == b"cut"
+    try:
+        await anext(chunks)
+    except Exception as exc:
+        assert type(exc).__name__ == "FillBroken"
+    else:
+        raise AssertionError("a short body must not read as complete")
 
 
 async def test_the_leader_opens_in_its_own_task_and_gets_the_first_chunk_at_once() -> None:

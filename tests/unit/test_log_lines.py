@@ -48,3 +48,25 @@ def test_the_thread_writes_without_being_asked() -> None:
         assert stream.getvalue() == "soon\n"
     finally:
         writer.close()
+
+
+def test_deferred_lines_are_made_by_the_writer_in_order_and_a_broken_one_is_dropped() -> None:
+    stream = io.StringIO()
+    writer = LineWriter(stream, flush_seconds=60)
+
+    def line(number: int, status: int) -> str:
+        return f'{{"n":{number},"status":{status}}}'
+
+    def broken() -> str:
+        raise ValueError("cannot be made")
+
+    try:
+        writer.defer(line, (1, 200))
+        writer.put("plain")
+        writer.defer(broken, ())
+        writer.defer(line, (2, 404))
+        writer.flush()
+        assert stream.getvalue() == '{"n":1,"status":200}\nplain\n{"n":2,"status":404}\n'
+        assert writer.format_errors == 1
+    finally:
+        writer.close()

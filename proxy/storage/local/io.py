@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -25,16 +24,13 @@ from proxy.storage.layout import (
     parse_sidecar,
     sidecar_name,
 )
+from proxy.storage.local.commit import SYNCS_EACH_FILE, GroupCommit, Publish, Stage
 
 T = TypeVar("T")
 
-# How long the event loop waits for a read thread's answer before awaiting it instead, and how
-# long it then awaits at once (see VolumeThreads.read).
-READ_WAIT_SECONDS: Final = 0.0005
-READ_WAIT_BACKOFF_SECONDS: Final = 1.0
 READ_THREADS: Final = 4
-WRITE_THREADS: Final = 4
-# How much lower the write threads' CPU priority is than the event loop's (nice steps).
+BACKGROUND_THREADS: Final = 2
+# How much lower the background threads' CPU priority is than the event loop's (nice steps).
 BACKGROUND_NICE: Final = 10
 LOCK_STRIPES: Final = 64
 
@@ -56,69 +52,42 @@ class KeyLocks:
 
 
 class VolumeThreads:
-    """Where the local Volume's blocking work runs: read threads, and write threads behind them.
+    """Where the local Volume's blocking work runs: read threads, the writes' commit thread, and
+    background threads for deletes and walks.
 
     Reads get threads of their own: a hit or a miss's lookup must not queue behind writes waiting
-    for fsync, nor behind the janitor's walks. Writes and walks are background work: their threads
-    run at a lower CPU priority, so that on a busy CPU the event loop, serving, is not kept waiting
-    by them. Writes past what those threads have in hand go to normal-priority threads, so the
-    write backlog cannot grow without bound on a saturated CPU.
+    for their sync, nor behind the janitor's walks. Entry writes go to one thread that makes them
+    durable in batches (GroupCommit). Deletes and walks are background work: their threads run at
+    a lower CPU priority, so that a walk of a large Volume does not keep the event loop waiting.
     """
 
     def __init__(self) -> None:
         self._read_pool = ThreadPoolExecutor(
             max_workers=READ_THREADS, thread_name_prefix="volume-read"
         )
-        self._write_pool = ThreadPoolExecutor(
-            max_workers=WRITE_THREADS,
-            thread_name_prefix="volume-write",
+        self.commits = GroupCommit()
+        self._background_pool = ThreadPoolExecutor(
+            max_workers=BACKGROUND_THREADS,
+            thread_name_prefix="volume-background",
             initializer=lower_thread_priority,
         )
-        self._catch_up_pool = ThreadPoolExecutor(
-            max_workers=WRITE_THREADS, thread_name_prefix="volume-write-now"
-        )
-        self._writes_in_hand = 0
-        self._wait_again_at = 0.0
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a read thread, its answer waited for on the loop for READ_WAIT_SECONDS.
-
-        A read on a local folder mostly takes tens of microseconds (a miss is one lstat).
-        Awaiting it costs two turns of the event loop, the thread's wake-up and then the
-        loop's, which under load are most of a millisecond on a miss's time to first byte. So
-        the loop waits for the answer, at most READ_WAIT_SECONDS (a bound on how long the loop
-        can be held, like any short computation), then awaits it like any other. After a wait
-        ran out (a cold disk), reads are awaited at once for READ_WAIT_BACKOFF_SECONDS.
-        """
-        future = self._read_pool.submit(work, *args)
-        if time.monotonic() >= self._wait_again_at:
-            try:
-                return future.result(timeout=READ_WAIT_SECONDS)
-            except FutureTimeout:
-                self._wait_again_at = time.monotonic() + READ_WAIT_BACKOFF_SECONDS
-        return await asyncio.wrap_future(future)
-
-    async def read_awaited(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a read thread, awaited at once (a read off the hit path)."""
+        """`work` in a read thread (a lookup, a hit's read)."""
         return await _run_in(self._read_pool, work, *args)
 
-    async def write(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a low-priority write thread, or a normal-priority one when those are busy."""
-        if self._writes_in_hand >= WRITE_THREADS:
-            return await _run_in(self._catch_up_pool, work, *args)
-        self._writes_in_hand += 1
-        try:
-            return await _run_in(self._write_pool, work, *args)
-        finally:
-            self._writes_in_hand -= 1
+    async def write(self, stage: Stage) -> None:
+        """An entry write, staged by `stage` in the commit thread; done once it is durable."""
+        await self.commits.write(stage)
 
     async def background(self, work: Callable[..., T], *args: Any) -> T:
-        """`work` in a low-priority write thread, queued behind the writes (deletes, walks)."""
-        return await _run_in(self._write_pool, work, *args)
+        """`work` in a low-priority background thread (deletes, walks)."""
+        return await _run_in(self._background_pool, work, *args)
 
     async def aclose(self) -> None:
         """Let queued work finish, then stop the threads."""
-        for pool in (self._read_pool, self._write_pool, self._catch_up_pool):
+        await self.commits.aclose()
+        for pool in (self._read_pool, self._background_pool):
             await asyncio.to_thread(pool.shutdown, wait=True)
 
 
@@ -157,35 +126,44 @@ def make_folder(folder: str) -> bool:
     return True
 
 
-def write_synced(folder: str, data: bytes) -> str:
-    """`data` in a new temporary file in `folder`, synced to disk; returns the file's path."""
-    path = os.path.join(folder, f"{TMP_PREFIX}{secrets.token_hex(8)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+# Temporary names: a random stem per process and a counter, so that naming a file costs no
+# system call; O_EXCL refuses a name that exists all the same (a leftover), and the next is tried.
+_temporary_stem = ""
+_temporary_numbers = itertools.count()
+
+
+def _new_stem() -> None:
+    global _temporary_stem, _temporary_numbers
+    _temporary_stem = f"{TMP_PREFIX}{secrets.token_hex(6)}-"
+    _temporary_numbers = itertools.count()
+
+
+_new_stem()
+os.register_at_fork(after_in_child=_new_stem)
+
+
+def write_new(folder: str, data: bytes, *, sync: bool) -> str:
+    """`data` in a new temporary file in `folder` (synced to disk when `sync`); returns its path."""
+    while True:
+        path = os.path.join(folder, f"{_temporary_stem}{next(_temporary_numbers):x}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with memoryview(data) as view:
             written = 0
             while written < len(view):
                 written += os.write(fd, view[written:])
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         discard(path)
         raise
     os.close(fd)
     return path
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the names in `folder` durable (POSIX; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        # Some filesystems refuse fsync on a directory; the rename itself has happened.
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_file_bounded(path: Path, limit: int) -> bytes | None:
@@ -197,34 +175,36 @@ def read_file_bounded(path: Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
-def write_entry(folder: Path, voice: str, name: str, body: bytes, sidecar: bytes) -> None:
-    """Write an entry's object `name` then its sidecar into `folder`, both durable at return.
-
-    The caller holds the key's lock.
-    """
+def stage_entry(
+    folder: Path, voice: str, name: str, body: bytes, sidecar: bytes, lock: threading.Lock
+) -> Publish:
+    """Write an entry's object and sidecar under temporary names in `folder`; the returned step
+    renames them into place under the key's `lock` (GroupCommit then syncs the batch)."""
     where = str(folder)
     created = make_folder(where)
-    # Both files are written and synced under temporary names, then renamed object first,
-    # sidecar last (a reader never sees a sidecar before its object), then one folder sync makes
-    # both names durable. After a crash between the renames and that sync, a sidecar may have
-    # outlived its object's rename: the read verifies the object's length and digest against
-    # the sidecar, so such an entry is removed and missed, not served.
-    object_tmp = write_synced(where, body)
+    object_tmp = write_new(where, body, sync=SYNCS_EACH_FILE)
     try:
-        sidecar_tmp = write_synced(where, sidecar)
+        sidecar_tmp = write_new(where, sidecar, sync=SYNCS_EACH_FILE)
     except BaseException:
         discard(object_tmp)
         raise
-    try:
-        os.replace(object_tmp, os.path.join(where, name))
-        os.replace(sidecar_tmp, os.path.join(where, sidecar_name(voice)))
-    except BaseException:
-        discard(object_tmp)
-        discard(sidecar_tmp)
-        raise
-    fsync_dir(folder)
-    if not created:
-        remove_other_objects(where, voice, keep=name)
+
+    def publish() -> str:
+        # Object first, sidecar last: a reader never sees a sidecar before its object. The lock
+        # keeps a reader from seeing the new object beside the old sidecar (and removing both).
+        with lock:
+            try:
+                os.replace(object_tmp, os.path.join(where, name))
+                os.replace(sidecar_tmp, os.path.join(where, sidecar_name(voice)))
+            except BaseException:
+                discard(object_tmp)
+                discard(sidecar_tmp)
+                raise
+            if not created:
+                remove_other_objects(where, voice, keep=name)
+        return where
+
+    return publish
 
 
 def discard(path: str) -> None:

@@ -119,31 +119,76 @@ def record_hits(root: Path, base: Path, hits: Mapping[CacheKey, float]) -> int:
     return recorded
 
 
-def clean_orphans(base: Path, locks: KeyLocks, limit: int, older_than: float) -> int:
-    """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
+class OrphanWalk:
+    """The walk for crash leftovers, bounded per call and resumed where the last call stopped.
 
-    Leftovers are temporary files, objects without a valid sidecar and sidecars without their
-    object. Anything younger is left alone: it may be a write in progress in another process.
-    Empty folders that old are pruned too (not counted).
+    Each call looks at most `limit` folders, so a run costs the same on a Volume of any size; a
+    full pass over a Volume of F message folders takes about F / limit calls. Leftovers are
+    temporary files, objects without a valid sidecar and sidecars without their object; empty
+    folders are pruned too (not counted). Anything changed since `older_than` is left alone: it
+    may be a write in progress in another process. Called from one thread at a time.
     """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._pending: Iterator[tuple[Path, tuple[str, str, str] | None]] | None = None
+
+    def clean(self, locks: KeyLocks, limit: int, older_than: float) -> int:
+        """Remove up to `limit` leftovers from the next `limit` folders; return how many."""
+        removed = looked = 0
+        if self._pending is None:
+            self._pending = _folders_below(self.base)
+        for folder, ids in self._pending:
+            looked += 1
+            if ids is None:
+                _prune_if_empty(folder, older_than)
+            else:
+                removed += _clean_message_folder(folder, ids, locks, limit - removed, older_than)
+            if looked >= limit or removed >= limit:
+                return removed
+        self._pending = None  # a whole pass ended: the next call starts another
+        return removed
+
+
+def _clean_message_folder(
+    folder: Path, ids: tuple[str, str, str], locks: KeyLocks, limit: int, older_than: float
+) -> int:
+    files = _regular_files(folder)
+    if not files:
+        _prune_if_empty(folder, older_than)
+        return 0
     removed = 0
-    for folder, ids, files in message_folders(base):
+    mtimes = {name: status.st_mtime for name, status in files.items()}
+    sidecars, objects, temporary = split_names(mtimes)
+    for name in temporary:
+        if removed < limit and mtimes[name] < older_than:
+            removed += unlink_counted(folder / name)
+    for voice in sorted(sidecars.keys() | objects.keys()):
         if removed >= limit:
             break
-        mtimes = {name: status.st_mtime for name, status in files.items()}
-        sidecars, objects, temporary = split_names(mtimes)
-        for name in temporary:
-            if removed < limit and mtimes[name] < older_than:
-                removed += unlink_counted(folder / name)
-        for voice in sorted(sidecars.keys() | objects.keys()):
-            if removed >= limit:
-                break
-            names = [*objects.get(voice, ()), sidecars.get(voice, "")]
-            key = CacheKey(*ids, voice)
-            if key.valid() and any(mtimes.get(name, older_than) < older_than for name in names):
-                removed += _clean_voice(folder, key, locks, older_than, limit - removed)
-    _prune_empty_folders(base, older_than)
+        names = [*objects.get(voice, ()), sidecars.get(voice, "")]
+        key = CacheKey(*ids, voice)
+        if key.valid() and any(mtimes.get(name, older_than) < older_than for name in names):
+            removed += _clean_voice(folder, key, locks, older_than, limit - removed)
     return removed
+
+
+def _folders_below(base: Path) -> Iterator[tuple[Path, tuple[str, str, str] | None]]:
+    """Message folders under `base` with their ids, then each thread and user folder (ids None)
+    after the folders inside it; links not followed, subfolders listed as the walk reaches them."""
+    for user_folder in _subfolders(base):
+        for thread in _subfolders(user_folder):
+            for message in _subfolders(thread):
+                yield message, (user_folder.name, thread.name, message.name)
+            yield thread, None
+        yield user_folder, None
+
+
+def _prune_if_empty(folder: Path, older_than: float) -> None:
+    # A folder just made by a writer is young; one it fills meanwhile refuses rmdir.
+    with contextlib.suppress(OSError):
+        if folder.stat().st_mtime < older_than:
+            os.rmdir(folder)
 
 
 def message_folders(
@@ -232,14 +277,3 @@ def _regular_files(path: Path) -> dict[str, os.stat_result]:
     except (FileNotFoundError, NotADirectoryError):
         pass
     return files
-
-
-def _prune_empty_folders(base: Path, older_than: float) -> None:
-    """Remove empty user, thread and message folders (evictions leave them behind)."""
-    for folder, _, _ in os.walk(base, topdown=False):
-        if folder == str(base):
-            continue
-        # A folder just made by a writer is young; one it fills meanwhile refuses rmdir.
-        with contextlib.suppress(OSError):
-            if os.stat(folder).st_mtime < older_than:
-                os.rmdir(folder)

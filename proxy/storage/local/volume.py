@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from proxy.storage.layout import (
     sidecar_name,
 )
 from proxy.storage.local import maintenance
+from proxy.storage.local.commit import Publish
 from proxy.storage.local.io import (
     KeyLocks,
     VolumeThreads,
@@ -33,7 +35,7 @@ from proxy.storage.local.io import (
     read_file_bounded,
     remove_entry,
     resolve_under,
-    write_entry,
+    stage_entry,
 )
 from proxy.storage.tiers import CallStats, CorruptEntry
 
@@ -79,8 +81,10 @@ class LocalVolume:
         self._corrupt = 0
         self._locks = KeyLocks()
         self._threads = VolumeThreads()
+        self._orphan_walk = maintenance.OrphanWalk(self.base)
         # Folders resolved once (resolving walks every path component with a syscall).
         self._folders: dict[tuple[str, str, str], Path] = {}
+        self._parents: dict[tuple[str, str], Path] = {}
         # What was verified, by the file identities it was verified on: a hit whose sidecar and
         # object are still those files (same inode, size, mtime) skips re-hashing the body.
         # Writes replace files by rename, so any rewrite shows up as another inode.
@@ -176,12 +180,12 @@ class LocalVolume:
     async def read_meta(self, key: CacheKey) -> EntryMeta | None:
         """The sidecar's metadata without the body; None when absent or malformed (kept as is)."""
         require_valid(key)
-        return await self._threads.read_awaited(self._read_meta_sync, key)
+        return await self._threads.read(self._read_meta_sync, key)
 
     async def put(self, key: CacheKey, entry: Entry) -> None:
         """Store `entry` under `key`: object first, sidecar last, each replaced atomically."""
         require_valid(key)
-        write = functools.partial(self._threads.write, self._put_sync, key, entry)
+        write = functools.partial(self._threads.write, functools.partial(self._stage, key, entry))
         await guarded(self.breaker, self.timeout_seconds, write)
 
     async def delete(self, key: CacheKey) -> None:
@@ -192,7 +196,7 @@ class LocalVolume:
     async def exists(self, key: CacheKey) -> bool:
         """True when `key` has a valid sidecar and an object of the length it records."""
         require_valid(key)
-        return await self._threads.read_awaited(self._exists_sync, key)
+        return await self._threads.read(self._exists_sync, key)
 
     async def ping(self) -> bool:
         """True when the folder (or, before its first write, its nearest parent) is writable."""
@@ -238,12 +242,13 @@ class LocalVolume:
         return await self._threads.background(maintenance.clean_leftovers, self.base)
 
     async def clean_orphans(self, *, limit: int, older_than: float) -> int:
-        """Remove up to `limit` crash leftovers last changed before `older_than`; return how many.
+        """Remove up to `limit` crash leftovers last changed before `older_than`, looking in the
+        next `limit` folders of a walk that resumes each call; return how many went.
 
-        What counts as a leftover, and what is left alone: `maintenance.clean_orphans`.
+        What counts as a leftover, and what is left alone: `maintenance.OrphanWalk`.
         """
         return await self._threads.background(
-            maintenance.clean_orphans, self.base, self._locks, limit, older_than
+            self._orphan_walk.clean, self._locks, limit, older_than
         )
 
     async def aclose(self) -> None:
@@ -253,8 +258,26 @@ class LocalVolume:
     # Everything below runs in a worker thread.
 
     def _folder(self, key: CacheKey) -> Path:
-        """The key's message folder, resolved and checked to be under the root."""
-        return resolve_under(self.root, self.base / key.user / key.thread_id / key.message_id)
+        """The key's message folder, checked to be under the root.
+
+        Its thread folder is resolved (every component, links followed, checked) once and
+        remembered; the message's own component is checked on each call: one lstat rather than
+        one per component of the whole path. A missing folder is made by mkdir, which never
+        follows a link.
+        """
+        parent_key = (key.user, key.thread_id)
+        parent = self._parents.get(parent_key)
+        if parent is None:
+            parent = resolve_under(self.root, self.base / key.user / key.thread_id)
+            if len(self._parents) >= _FOLDER_CACHE:
+                self._parents.clear()
+            self._parents[parent_key] = parent
+        folder = parent / key.message_id
+        try:
+            linked = stat.S_ISLNK(os.lstat(folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return folder
+        return resolve_under(self.root, folder) if linked else folder
 
     def _entry_folder(self, key: CacheKey) -> Path:
         """The key's message folder, from the cache of folders resolved before."""
@@ -350,13 +373,11 @@ class LocalVolume:
         self._last_hit_recorded[key] = now
         _record_hit(folder / sidecar_name(key.voice))
 
-    def _put_sync(self, key: CacheKey, entry: Entry) -> None:
-        if not entry.intact():
-            raise ValueError("entry body disagrees with its metadata")
+    def _stage(self, key: CacheKey, entry: Entry) -> Publish:
+        # The body is not hashed again here: every first read checks it against the sidecar.
         folder = self._entry_folder(key)
         name, sidecar_bytes = encode_sidecar(key, entry.meta)
-        with self._locks.of(key):
-            write_entry(folder, key.voice, name, entry.body, sidecar_bytes)
+        return stage_entry(folder, key.voice, name, entry.body, sidecar_bytes, self._locks.of(key))
 
     def _delete_sync(self, key: CacheKey) -> None:
         folder = self._folder(key)
