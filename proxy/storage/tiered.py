@@ -82,7 +82,9 @@ class TieredCache:
         self._seq = 0
         self._put_at: OrderedDict[CacheKey, int] = OrderedDict()
         self._forgotten_before = 0
-        self._invalidated: deque[tuple[int, Covers]] = deque()
+        # (sequence, which keys, the recording the invalidation keeps: a notice that another
+        # process stored recording R does not stop a read of R from entering memory).
+        self._invalidated: deque[tuple[int, Covers, str | None]] = deque()
         self._invalidations_forgotten_before = 0
 
     @property
@@ -176,23 +178,27 @@ class TieredCache:
         the read may predate a purge, and memory must not keep what the purge removed."""
         if key in self._writers:
             return
-        if since is not None and self.invalidated_since(key, since):
+        if since is not None and self.invalidated_since(key, since, entry.meta.body_sha256):
             return
         self._memory_put(key, entry)
 
-    def invalidated_since(self, key: CacheKey, mark: int) -> bool:
-        """True when an invalidation covering `key` came after `mark` (or may have)."""
+    def invalidated_since(self, key: CacheKey, mark: int, body_sha256: str | None = None) -> bool:
+        """True when an invalidation covering `key` came after `mark` (or may have), other than
+        one that keeps the recording `body_sha256`."""
         log = self._invalidated
         if not log or log[-1][0] <= mark:
             return False
         if mark < self._invalidations_forgotten_before:
             return True
-        return any(seq > mark and covers(key) for seq, covers in log)
+        return any(
+            seq > mark and covers(key) and (kept is None or kept != body_sha256)
+            for seq, covers, kept in log
+        )
 
     def invalidate_key(self, key: CacheKey, keep_body_sha256: str | None = None) -> bool:
         """Drop this process's memory copy of `key` unless it is the recording named (another
         process stored a new one); no Volume call. True when a copy went."""
-        self._note_invalidation(key.__eq__)
+        self._note_invalidation(key.__eq__, keep_body_sha256)
         memory = self.memory
         if memory is None:
             return False
@@ -323,12 +329,12 @@ class TieredCache:
         except Exception as exc:
             self._failed("index", "record", key, exc)
 
-    def _note_invalidation(self, covers: Covers) -> None:
+    def _note_invalidation(self, covers: Covers, keep_body_sha256: str | None = None) -> None:
         self._seq += 1
         log = self._invalidated
-        log.append((self._seq, covers))
+        log.append((self._seq, covers, keep_body_sha256))
         if len(log) > RECENT_INVALIDATIONS:
-            forgotten, _ = log.popleft()
+            forgotten, _, _ = log.popleft()
             self._invalidations_forgotten_before = forgotten
 
     def _note_put(self, key: CacheKey) -> None:

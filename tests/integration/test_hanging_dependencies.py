@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from proxy.speak import CacheKey
 from proxy.state import CACHE, INDEX, VOLUME
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
+from proxy.storage.local.commit import Publish
 from tests.conftest import MakeProxyClient
 from tests.fakes import FakeLegacyBackend
 from tests.pg import ChatMessage, PostgresServer, create_chat_messages
@@ -41,12 +43,13 @@ def stall_reads(monkeypatch: pytest.MonkeyPatch, released: threading.Event) -> N
 
 
 def stall_writes(monkeypatch: pytest.MonkeyPatch, released: threading.Event) -> None:
-    """The local Volume's writes block in their threads until `released`."""
+    """The local Volume's writes block in their thread until `released`, then fail."""
 
-    def write(self: LocalVolume, key: CacheKey, entry: Entry) -> None:
+    def stage(self: LocalVolume, key: CacheKey, entry: Entry) -> Publish:
         released.wait()
+        raise OSError(errno.EIO, "the hung mount never came back")
 
-    monkeypatch.setattr(LocalVolume, "_put_sync", write)
+    monkeypatch.setattr(LocalVolume, "_stage", stage)
 
 
 async def timed_speak(client: Any, message_id: str) -> tuple[float, str]:

@@ -430,6 +430,29 @@ async def test_an_invalidation_of_another_key_does_not_stop_a_promotion() -> Non
     assert tiers.get_memory(KEY) is not None
 
 
+async def test_a_notice_that_the_recording_read_was_stored_does_not_stop_its_promotion() -> None:
+    volume = GatedReadVolume()
+    read = entry(b"the recording another process stored")
+    volume.entries[KEY] = read
+    tiers = cache(memory(), volume)
+    reading = asyncio.create_task(tiers.get(KEY))
+    await asyncio.sleep(0.01)  # the read is out when the notice for this very recording comes
+    tiers.invalidate_key(KEY, keep_body_sha256=read.meta.body_sha256)
+    volume.gate.set()
+    await reading
+    assert tiers.get_memory(KEY) == read
+
+    # A notice naming another recording still keeps what was read out of memory.
+    tiers.invalidate_key(KEY)
+    volume.gate.clear()
+    reading = asyncio.create_task(tiers.get(KEY))
+    await asyncio.sleep(0.01)
+    tiers.invalidate_key(KEY, keep_body_sha256=entry(b"a newer one").meta.body_sha256)
+    volume.gate.set()
+    await reading
+    assert tiers.get_memory(KEY) is None
+
+
 def test_a_mark_older_than_the_invalidations_remembered_promotes_nothing() -> None:
     tiers = cache(memory(), None)
     mark = tiers.put_mark()
