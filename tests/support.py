@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.access_log import access_log_options
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.state import CACHE, FLIGHTS
 
 SPEAK = "/api/tts/speak"
 ALICE = {"X-Forwarded-Email": "alice@example.com"}
@@ -32,6 +34,21 @@ def speak_body(**change: Any) -> dict[str, Any]:
     }
     base.update(change)
     return base
+
+
+async def settle(app: web.Application, within: float = 5.0) -> None:
+    """Wait until the proxy's fills have ended, then until their Volume writes are done.
+
+    A client can read a miss's last byte before the fill sees its upstream's end (the chunked
+    terminator may come in a later packet) and stores the entry: draining the cache alone could
+    come before the write is even scheduled.
+    """
+    flights = app.get(FLIGHTS)
+    for _ in range(int(within / 0.005)):
+        if flights is None or not len(flights):
+            break
+        await asyncio.sleep(0.005)
+    await app[CACHE].drain()
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,9 @@ import pytest
 
 from proxy.access_log import ACCESS_LOGGER
 from proxy.speak import CacheKey
-from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
-from tests.support import SPEAK, TOKEN, logged_client, speak, speak_body
+from tests.support import SPEAK, TOKEN, logged_client, settle, speak, speak_body
 
 USER = "carol@example.com"
 TEXT = "my secret diary entry about the merger"
@@ -71,7 +70,7 @@ async def test_each_request_is_one_json_line_without_text_tokens_or_ids(
     body = speak_body(text=TEXT, thread_id=THREAD, message_id=MESSAGE)
 
     miss = await speak(client, SPEAK, body, headers={**CAROL, "X-Request-Id": "req-42"})
-    await client.app[CACHE].drain()
+    await settle(client.app)
     hit = await speak(client, SPEAK, body, headers=CAROL)
     async with client.get(
         f"/_proxy/audio/{THREAD}/{MESSAGE}/af_nicole", headers={**CAROL, "Range": "bytes=0-9"}

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from proxy.app import create_app
-from proxy.state import CACHE, JANITOR
+from proxy.state import JANITOR
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
-from tests.support import ALICE, BOB, SPEAK, TOKEN
+from tests.support import ALICE, BOB, SPEAK, TOKEN, settle
 from tests.support import speak_body as body
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -45,7 +45,7 @@ async def fill_cache(client: Any) -> None:
         (body(), BOB),
     ]:
         assert await outcome(client, payload, who) == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
 
 
 def volume_objects(tmp_path: Path) -> set[str]:
@@ -117,7 +117,7 @@ async def test_purge_during_an_in_flight_fill_is_not_stored(
         assert response.status == 200
         assert (await response.json())["fills_cancelled"] == 1
     assert await pending == "miss"  # the client in flight still gets its audio
-    await admin_client.app[CACHE].drain()
+    await settle(admin_client.app)
     assert volume_objects(tmp_path) == set()
     legacy_backend.speak.chunk_delay = 0.0
     assert await outcome(admin_client, body()) == "miss"
@@ -208,7 +208,7 @@ async def test_min_uses_stores_on_the_nth_request(
         await response.read()
         assert response.headers["X-TTS-Cache"] == "miss"
         assert "stored" not in response.headers["Cache-Status"]
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert volume_objects(tmp_path) == set()
     assert await outcome(client, body()) == "miss"
     assert await outcome(client, body()) == "hit"
@@ -261,7 +261,7 @@ async def test_a_full_disk_pauses_admission_and_requests_still_succeed(
             assert response.status == 200 and len(await response.read()) == 65536
             assert response.headers["X-TTS-Cache"] == "miss"
             assert "stored" not in response.headers["Cache-Status"]
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert volume_objects(tmp_path) == set()
     async with client.get("/_proxy/admin/api/stats", headers=ADMIN) as response:
         stats = await response.json()

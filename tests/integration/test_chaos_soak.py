@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.speak import CacheKey
-from proxy.state import CACHE, VOLUME
+from proxy.state import VOLUME
 from proxy.storage.layout import voice_of
 from tests.conftest import settings_for
 from tests.databricks_volume_support import (  # noqa: F401 - fixtures for this test
@@ -34,6 +34,7 @@ from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import Fault, FilesApiEmulator
 from tests.soak_verdict import KeyScope, Verdict, VolumeTrouble, judge
 from tests.soak_workload import Clients, FaultPlan, Observation
+from tests.support import settle
 
 VOLUME_PATH: Final = "/Volumes/main/default/tts"
 BASE: Final = f"{VOLUME_PATH}/tts_audio"
@@ -242,7 +243,7 @@ async def test_chaos_soak_keeps_every_promise(
     finally:
         stop.set()
         await traffic
-        await proxy.app[CACHE].drain()
+        await settle(proxy.app)
         done.set()
         await watcher
 

@@ -17,10 +17,10 @@ import asyncpg
 from multidict import CIMultiDict
 
 from proxy.app import create_app
-from proxy.state import CACHE, JANITOR
+from proxy.state import JANITOR
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
-from tests.support import ALICE, BOB, SPEAK, TOKEN
+from tests.support import ALICE, BOB, SPEAK, TOKEN, settle
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 CLIENT_BODY = {"text": "Hello there", "provider": "replicate", "voice": "af_nicole"}
@@ -99,7 +99,7 @@ async def test_the_legacy_clients_body_is_a_miss_then_a_hit_per_user(
     assert "Content-Location" not in headers
     assert legacy_backend.calls[SPEAK] == 4
 
-    await client.app[CACHE].drain()
+    await settle(client.app)
     stored = objects(tmp_path)
     assert len(stored) == 3
     assert any(name.startswith(f"alice@example.com/_text/{digest}/af_nicole.") for name in stored)
@@ -122,7 +122,7 @@ async def test_content_entries_survive_a_restart_and_go_with_their_user(
     message = {**CLIENT_BODY, "message_id": "m-1", "thread_id": "t-1", "save_to_volume": True}
     assert (await speak(first, message))[0]["X-TTS-Cache"] == "miss"
     assert (await speak(first, CLIENT_BODY, BOB))[0]["X-TTS-Cache"] == "miss"
-    await first.app[CACHE].drain()
+    await settle(first.app)
 
     second = await proxy(aiohttp_client, legacy_backend, tmp_path)
     headers, _ = await speak(second, CLIENT_BODY)
@@ -162,7 +162,7 @@ async def test_the_shared_scope_shares_and_the_user_scope_does_not(
     message = {**CLIENT_BODY, "message_id": "m-1", "thread_id": "t-1", "save_to_volume": True}
     assert (await speak(shared, message))[0]["X-TTS-Cache"] == "miss"
     assert (await speak(shared, message, BOB))[0]["X-TTS-Cache"] == "miss"
-    await shared.app[CACHE].drain()
+    await settle(shared.app)
     assert [name.split("/")[0] for name in objects(tmp_path)] == [
         "_shared",
         "alice@example.com",
@@ -190,7 +190,7 @@ async def test_content_entries_are_indexed_and_need_no_message_owner(
     # No chat_messages row names this call: a content key is its user's by construction.
     assert (await speak(client, CLIENT_BODY))[0]["X-TTS-Cache"] == "miss"
     assert (await speak(client, CLIENT_BODY))[0]["X-TTS-Cache"] == "hit"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     connection = await asyncpg.connect(postgres_dsn)
     try:
         rows = await connection.fetch(
@@ -209,7 +209,7 @@ async def test_the_dashboard_lists_plays_and_purges_content_entries(
     _, audio = await speak(client, CLIENT_BODY)
     message = {**CLIENT_BODY, "message_id": "m-1", "thread_id": "t-1", "save_to_volume": True}
     await speak(client, message)
-    await client.app[CACHE].drain()
+    await settle(client.app)
     digest = hashlib.sha256(b"Hello there").hexdigest()
     async with client.post(
         "/_proxy/admin/login", data={"token": TOKEN}, allow_redirects=False
@@ -251,9 +251,9 @@ async def test_the_janitor_counts_text_entries_against_their_users_quota(
     )
     await speak(client, CLIENT_BODY)
     await speak(client, CLIENT_BODY, BOB)
-    await client.app[CACHE].drain()
+    await settle(client.app)
     await speak(client, {**CLIENT_BODY, "text": "A second text"})
-    await client.app[CACHE].drain()
+    await settle(client.app)
     report = await client.app[JANITOR].run_once()
     assert report.evicted_quota == 1
     digest = hashlib.sha256(b"A second text").hexdigest()

@@ -10,10 +10,10 @@ from urllib.parse import unquote
 import pytest
 
 from proxy.admin.session import COOKIE_NAME
-from proxy.state import CACHE, INDEX
+from proxy.state import INDEX
 from tests.conftest import MakeProxyClient
 from tests.fakes import FakeLegacyBackend
-from tests.support import BOB, SPEAK, TOKEN, speak, speak_body
+from tests.support import BOB, SPEAK, TOKEN, settle, speak, speak_body
 
 ADMIN = "/_proxy/admin"
 PAGES = ["/", "/entries", "/config", "/entry?user=a&thread=t&message=m&voice=v", "/purge?user=a"]
@@ -115,7 +115,7 @@ async def test_a_purge_needs_the_csrf_token_and_a_same_origin_post(
 ) -> None:
     client = await make_proxy_client(**{"admin.token": TOKEN})
     assert (await speak(client, SPEAK, speak_body())).cache == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     await log_in(client)
     scope = {"user": "alice@example.com", "thread": "t-1"}
     csrf = await csrf_of(client, "/purge?user=alice@example.com&thread=t-1")
@@ -155,7 +155,7 @@ async def test_entries_are_listed_newest_first_in_pages_and_filtered(
     for number in range(27):
         await speak(client, SPEAK, speak_body(message_id=f"m-{number:02d}"))
     await speak(client, SPEAK, speak_body(), headers=BOB)
-    await client.app[CACHE].drain()
+    await settle(client.app)
     await log_in(client)
 
     async with client.get(f"{ADMIN}/entries") as first:
@@ -209,7 +209,7 @@ async def test_entries_come_from_the_index_with_their_hits(
 ) -> None:
     client = await make_proxy_client(**{"admin.token": TOKEN, "index.dsn": postgres_dsn})
     await speak(client, SPEAK, speak_body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     for _ in range(3):
         assert (await speak(client, SPEAK, speak_body())).cache == "hit"
     await log_in(client)
@@ -265,7 +265,7 @@ async def test_stats_metrics_and_dashboard_agree_on_the_volume_right_after_write
     client = await make_proxy_client(**{"admin.token": TOKEN})
     for number in range(4):
         await speak(client, SPEAK, speak_body(message_id=f"m-{number}"))
-    await client.app[CACHE].drain()  # stored; the janitor has not walked the Volume yet
+    await settle(client.app)  # stored; the janitor has not walked the Volume yet
 
     async with client.get(
         "/_proxy/admin/api/stats", headers={"Authorization": f"Bearer {TOKEN}"}

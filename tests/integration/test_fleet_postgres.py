@@ -10,11 +10,11 @@ from typing import Any
 import asyncpg
 
 from proxy.app import create_app
-from proxy.state import BROADCAST, CACHE
+from proxy.state import BROADCAST
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.pg import PostgresServer
-from tests.support import SPEAK, TOKEN, speak, speak_body
+from tests.support import SPEAK, TOKEN, settle, speak, speak_body
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -41,7 +41,7 @@ async def test_a_purge_on_one_replica_drops_the_others_copy_and_its_fill_in_flig
     first = await replica(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     second = await replica(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     assert (await speak(first, SPEAK, speak_body())).cache == "miss"
-    await first.app[CACHE].drain()
+    await settle(first.app)
     assert (await speak(second, SPEAK, speak_body())).tier == "volume"
     assert (await speak(second, SPEAK, speak_body())).tier == "memory"
     # Meanwhile the second replica synthesizes another of Alice's messages, slowly.
@@ -56,7 +56,7 @@ async def test_a_purge_on_one_replica_drops_the_others_copy_and_its_fill_in_flig
 
     assert answer["processes"]["confirmed"] == 2 and answer["processes"]["expected"] == 2
     assert (await in_flight).cache == "miss"  # its client still gets the audio...
-    await second.app[CACHE].drain()
+    await settle(second.app)
     legacy_backend.speak.chunk_delay = 0.0
     calls = legacy_backend.calls[SPEAK]
     # ...but neither replica serves anything of Alice's any more: both are new syntheses.
@@ -71,14 +71,14 @@ async def test_a_new_recording_on_one_replica_drops_the_others_older_copy(
     first = await replica(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     second = await replica(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     assert (await speak(first, SPEAK, speak_body())).cache == "miss"
-    await first.app[CACHE].drain()
+    await settle(first.app)
     assert (await speak(second, SPEAK, speak_body())).tier == "volume"
     assert (await speak(second, SPEAK, speak_body())).tier == "memory"
 
     # The message is edited: the first replica records the new text over the old entry.
     notices = second.app[BROADCAST].local.applied["stored"]
     assert (await speak(first, SPEAK, speak_body(text="Hello again"))).cache == "miss"
-    await first.app[CACHE].drain()
+    await settle(first.app)
     await notice_applied(second, notices)
 
     # The second replica no longer holds the replaced recording in memory: the old text is a
@@ -87,7 +87,7 @@ async def test_a_new_recording_on_one_replica_drops_the_others_older_copy(
     assert (await speak(second, SPEAK, speak_body())).cache == "miss"
     assert legacy_backend.calls[SPEAK] == calls + 1
     notices = first.app[BROADCAST].local.applied["stored"]
-    await second.app[CACHE].drain()
+    await settle(second.app)
     await notice_applied(first, notices)
     # ...and the second's recording replaced the first's in turn.
     assert (await speak(first, SPEAK, speak_body(text="Hello again"))).cache == "miss"
@@ -112,7 +112,7 @@ async def test_a_purge_while_postgres_is_down_says_the_other_replicas_were_not_t
 ) -> None:
     client = await replica(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     assert (await speak(client, SPEAK, speak_body())).cache == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     postgres_server.stop()
     try:
         answer = await purge(client, user="alice@example.com")

@@ -19,7 +19,7 @@ from proxy.storage.local.commit import Publish
 from tests.conftest import MakeProxyClient
 from tests.fakes import FakeLegacyBackend
 from tests.pg import ChatMessage, PostgresServer, create_chat_messages
-from tests.support import ALICE, SPEAK, speak_body
+from tests.support import ALICE, SPEAK, settle, speak_body
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ async def test_a_hung_local_write_is_abandoned_at_the_timeout_and_counted(
     took, cache = await timed_speak(client, "m-1")
     assert cache == "miss" and took < 0.3  # no client waits for a write
     started = time.monotonic()
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert 0.4 <= time.monotonic() - started < 1.0  # the write gave up at its timeout
     assert client.app[CACHE].errors["volume"] == 1
     assert client.app[VOLUME].breaker_state == "open"

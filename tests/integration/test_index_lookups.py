@@ -25,7 +25,7 @@ from proxy.index.lookup import IndexLookup
 from proxy.index.pool import IndexUnavailable
 from proxy.index.recorder import EntryRecorder
 from proxy.settings import VolumeSettings
-from proxy.state import CACHE, INDEX, JANITOR, RECORDER
+from proxy.state import INDEX, JANITOR, RECORDER
 from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
 from tests.conftest import settings_for
@@ -36,7 +36,7 @@ from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import FilesApiEmulator
 from tests.index_support import KEY, MakeIndex, eventually, make_index_fixture  # noqa: F401
 from tests.pg import PostgresServer, free_port
-from tests.support import ALICE, SPEAK
+from tests.support import ALICE, SPEAK, settle
 from tests.support import speak_body as body
 
 VOLUME_PATH = "/Volumes/main/default/tts"
@@ -174,7 +174,7 @@ async def test_a_miss_costs_no_files_api_call_then_memory_then_the_volume_via_th
     assert volume_reads(emulator) == reads  # no sidecar GET: the index said "not stored"
     assert await lookups(first) == {"stored": 0, "absent": 1, "uncovered": 0, "unavailable": 0}
     assert await speak(first) == ("hit", "memory", audio)
-    await first.app[CACHE].drain()
+    await settle(first.app)
     assert emulator.read(OBJECT) == audio
     # The proxy's own counters agree: the write behind PUT twice and listed the folder, and no
     # lookup asked for a sidecar (a miss's GET answers 404).
@@ -189,7 +189,7 @@ async def test_a_miss_costs_no_files_api_call_then_memory_then_the_volume_via_th
     assert (await speak(first, text="Hello again"))[0] == "miss"
     assert volume_reads(emulator) == reads
     assert (await lookups(first))["absent"] == 3
-    await first.app[CACHE].drain()
+    await settle(first.app)
     await first.close()
 
     second = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
@@ -213,7 +213,7 @@ async def test_with_the_index_down_or_hung_the_volume_is_read_as_before(
 ) -> None:
     first = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     _, _, audio = await speak(first)
-    await first.app[CACHE].drain()
+    await settle(first.app)
     await first.close()
 
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
@@ -256,7 +256,7 @@ async def test_an_entry_the_index_does_not_name_is_served_until_the_walk_records
     # Written before there was an index (or by a process whose row was lost).
     before = await proxy(aiohttp_client, legacy_backend, tmp_path, None)
     _, _, audio = await speak(before)
-    await before.app[CACHE].drain()
+    await settle(before.app)
     await before.close()
 
     # Another replica's janitor is elected meanwhile, so no walk has recorded the Volume yet.
@@ -288,7 +288,7 @@ async def test_always_trusts_the_index_at_once_and_rewrites_what_it_did_not_name
 ) -> None:
     before = await proxy(aiohttp_client, legacy_backend, tmp_path, None)
     await speak(before)
-    await before.app[CACHE].drain()
+    await settle(before.app)
     await before.close()
     stale = emulator.read(SIDECAR)
 
@@ -299,7 +299,7 @@ async def test_always_trusts_the_index_at_once_and_rewrites_what_it_did_not_name
     assert (await speak(client))[0] == "miss"
     assert volume_reads(emulator) == reads
     assert legacy_backend.calls[SPEAK] == 2
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert emulator.read(SIDECAR) != stale
     assert [message for message, _ in await index_rows(postgres_dsn)] == ["m-1"]
 
@@ -320,7 +320,7 @@ async def test_a_row_the_index_could_not_take_is_written_when_it_answers_again(
     await asyncio.to_thread(postgres_server.stop)
     try:
         _, _, audio = await speak(client)
-        await client.app[CACHE].drain()
+        await settle(client.app)
         assert emulator.read(OBJECT) == audio
         assert len(recorder.unrecorded) == 1
     finally:
@@ -345,7 +345,7 @@ async def test_a_local_volume_is_read_without_asking_the_index(
     local = {"cache.volume.kind": "local", "cache.volume.path": str(tmp_path / "volume")}
     client = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn, **local)
     assert (await speak(client))[0] == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     await client.close()
     restarted = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn, **local)
     assert (await speak(restarted))[:2] == ("hit", "volume")

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import create_app
-from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
+from tests.support import settle
 
 USERS = ["alice@example.com", "bob@example.com", "carol@example.com"]
 MESSAGES = ["m-1", "m-2"]
@@ -60,7 +60,7 @@ async def run_scenario(requests: list[tuple[int, int, int, int, int, bool, int]]
                 for wave in range(4):
                     batch = [r for r in requests if r[6] == wave]
                     await asyncio.gather(*(check_one(session, server, r) for r in batch))
-                    await server.app[CACHE].drain()
+                    await settle(server.app)
         finally:
             await server.close()
             await backend.stop()

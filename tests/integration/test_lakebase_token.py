@@ -20,7 +20,7 @@ from proxy.app import create_app
 from proxy.index.entries import PostgresIndex
 from proxy.index.lakebase import lakebase_password
 from proxy.index.rotating_password import RotatingPassword
-from proxy.state import CACHE, INDEX
+from proxy.state import INDEX
 from tests.conftest import settings_for
 from tests.databricks_volume_support import (  # noqa: F401 - the SDK sees only what we set
     _no_ambient_databricks_config,
@@ -29,7 +29,7 @@ from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import FilesApiEmulator
 from tests.index_support import eventually, rows
 from tests.pg import PASSWORD_ROLE, PostgresServer, set_password_role
-from tests.support import ALICE, SPEAK
+from tests.support import ALICE, SPEAK, settle
 from tests.support import speak_body as body
 
 CLIENT_ID = "app-client-id"
@@ -175,7 +175,7 @@ async def test_a_refresh_failure_is_counted_the_proxy_serves_and_recovers(
     assert isinstance(token, RotatingPassword)
     assert index.available
     assert await speak(client, "m-1") == (200, "miss")
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert await recorded(postgres_dsn) == ["m-1"]
 
     issuer.refuse()
@@ -193,7 +193,7 @@ async def test_a_refresh_failure_is_counted_the_proxy_serves_and_recovers(
     assert await speak(client, "m-2") == (200, "hit")
     assert await speak(client, "m-1") == (200, "hit")
     assert legacy_backend.calls[SPEAK] == legacy_calls + 1
-    await client.app[CACHE].drain()
+    await settle(client.app)
     metrics = await scrape(client)
     assert metrics["tts_proxy_index_available"] == 0
     assert metrics['tts_proxy_errors_total{kind="index"}'] > index_errors
@@ -202,7 +202,7 @@ async def test_a_refresh_failure_is_counted_the_proxy_serves_and_recovers(
     issuer.accept()
     await until(lambda: index.available, within=30)
     assert await speak(client, "m-3") == (200, "miss")
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert "m-3" in await recorded(postgres_dsn)
 
     # The row the outage kept back (m-2's) is written by the recorder's next retry.

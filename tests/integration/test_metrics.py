@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.state import CACHE, JANITOR
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
-from tests.support import ALICE, SPEAK, TOKEN, logged_client, speak, speak_body
+from tests.support import ALICE, SPEAK, TOKEN, logged_client, settle, speak, speak_body
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -104,7 +104,7 @@ async def test_janitor_evictions_are_counted_by_reason(
     client = await logged_client(aiohttp_server, aiohttp_client, settings)
     for message in ("m-1", "m-2", "m-3"):
         assert (await speak(client, SPEAK, speak_body(message_id=message))).cache == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     await client.app[JANITOR].run_once()
 
     samples = await scrape(client)

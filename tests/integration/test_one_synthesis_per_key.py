@@ -17,7 +17,7 @@ from proxy.storage.entry import Entry
 from proxy.storage.local import LocalVolume
 from tests.conftest import MakeProxyClient
 from tests.fakes import FakeLegacyBackend
-from tests.support import SPEAK, speak_body
+from tests.support import SPEAK, settle, speak_body
 
 RECORDING_BYTES = 48 * 1024
 USERS = [f"user-{n}@example.com" for n in range(4)]
@@ -96,7 +96,7 @@ async def test_a_burst_then_a_stream_larger_than_memory_costs_one_synthesis_per_
             await ask(client, chooser.choice(KEYS), outcomes)
 
     await asyncio.gather(*(stream() for _ in range(16)))
-    await client.app[CACHE].drain()
+    await settle(client.app)
     counts = syntheses(legacy_backend)
     twice = {key: n for key, n in counts.items() if n != 1}
     assert twice == {}, f"{len(twice)} keys synthesized more than once"

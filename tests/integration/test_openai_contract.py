@@ -20,9 +20,9 @@ from openai import AsyncOpenAI, AuthenticationError
 
 from proxy.access_log import ACCESS_LOGGER, access_log_options
 from proxy.app import create_app
-from proxy.state import CACHE
 from tests.conftest import ServedAsInProduction, settings_for
 from tests.fakes.openai_speech import SPEECH_PATH, FakeOpenAISpeech
+from tests.support import settle
 
 SECRET = "a-per-deployment-secret-of-32-characters"
 HELLO = {"model": "gpt-4o-mini-tts", "input": "Hello from the cache", "voice": "coral"}
@@ -113,7 +113,7 @@ async def test_two_api_keys_never_share_an_entry(
         with pytest.raises(AuthenticationError):
             await say(stranger)
     assert openai_api.calls == 4
-    await proxy.app[CACHE].drain()
+    await settle(proxy.app)
     root = tmp_path / "volume" / "tts_audio"
     users = sorted(p.name for p in root.iterdir())
     assert len(users) == 2 and all(u.startswith("_key-") and len(u) == 37 for u in users)

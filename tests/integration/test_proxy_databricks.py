@@ -13,11 +13,11 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.state import CACHE, VOLUME
+from proxy.state import VOLUME
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.files_api import FilesApiEmulator
-from tests.support import ALICE, SPEAK
+from tests.support import ALICE, SPEAK, settle
 from tests.support import speak_body as body
 
 VOLUME_PATH = "/Volumes/main/default/tts"
@@ -79,7 +79,7 @@ async def test_store_then_hit_from_the_volume_after_a_restart(
     first = await aiohttp_client(create_app(settings))
     _, headers, audio = await speak(first, body())
     assert headers["X-TTS-Cache"] == "miss"
-    await first.app[CACHE].drain()
+    await settle(first.app)
     await first.close()
     assert emulator.read(OBJECT) == audio
     assert emulator.read(OBJECT.replace(".mp3", ".meta.json")) is not None
@@ -116,7 +116,7 @@ async def test_a_volume_hit_streams_before_the_whole_object_is_read(
     )
     client = await aiohttp_client(create_app(settings))
     _, _, audio = await speak(client, body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     emulator.chunk_delay = 0.1  # 8 chunks of 8 KiB: the whole object takes 0.7 s or more
     started = time.monotonic()
     async with client.post(SPEAK, json=body(), headers=ALICE) as response:
@@ -155,7 +155,7 @@ async def test_a_corrupt_volume_object_is_a_miss_the_client_never_sees(
     settings = databricks_settings(tmp_path, legacy_backend, **{"cache.memory.max_bytes": 0})
     client = await aiohttp_client(create_app(settings))
     _, _, audio = await speak(client, body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     flip_bytes(emulator, OBJECT, 100, 200)
 
     status, headers, again = await speak(client, body())
@@ -164,7 +164,7 @@ async def test_a_corrupt_volume_object_is_a_miss_the_client_never_sees(
     assert (status, headers["X-TTS-Cache"], again) == (200, "miss", audio)
     assert headers["Content-Length"] == str(len(audio))
     assert legacy_backend.calls[SPEAK] == 2
-    await client.app[CACHE].drain()  # the new recording's write waits for the removal
+    await settle(client.app)  # the new recording's write waits for the removal
     assert emulator.count("DELETE", "files", ".mp3") == 1  # the corrupt object went
     assert emulator.read(OBJECT) == audio  # and the fresh one replaced it
     assert await error_count(client, "volume_corrupt") == 1
@@ -182,7 +182,7 @@ async def test_a_range_on_the_audio_url_is_served_only_from_checked_bytes(
     settings = databricks_settings(tmp_path, legacy_backend, **{"cache.memory.max_bytes": 0})
     client = await aiohttp_client(create_app(settings))
     await speak(client, body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     flip_bytes(emulator, OBJECT, 100, 200)
     async with client.get(
         "/_proxy/audio/t-1/m-1/af_nicole", headers={**ALICE, "Range": "bytes=0-99"}
@@ -203,7 +203,7 @@ async def test_every_injected_fault_still_answers_the_request_in_time(
     settings = databricks_settings(tmp_path, legacy_backend, **{"cache.memory.max_bytes": 0})
     client = await aiohttp_client(create_app(settings))
     _, _, audio = await speak(client, body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     if fault == "fail":
         emulator.fail_next(20, status=500)
     elif fault == "throttle":
@@ -242,18 +242,18 @@ async def test_the_breaker_stops_calling_a_failing_volume_then_recovers(
     for i in range(4):
         status, _, _ = await speak(client, body(message_id=f"m-{i}"))
         assert status == 200
-    await client.app[CACHE].drain()
+    await settle(client.app)
     volume = client.app[VOLUME]
     assert volume.breaker_state == "open"  # type: ignore[attr-defined]
     calls = len(emulator.requests)
     for i in range(3):
         assert (await speak(client, body(message_id=f"n-{i}")))[0] == 200
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert len(emulator.requests) == calls  # nothing reached the failing Volume
     emulator.clear_faults()
     await asyncio.sleep(0.6)
     _, _, audio = await speak(client, body(message_id="after"))
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert volume.breaker_state == "closed"  # type: ignore[attr-defined]
     assert emulator.read(OBJECT.replace("m-1", "after")) == audio
 
@@ -271,7 +271,7 @@ async def test_on_behalf_of_tokens_are_used_for_their_own_user_only(
     alice = {**ALICE, "X-Forwarded-Access-Token": "alice-token"}
     bob = {"X-Forwarded-Email": "bob@example.com", "X-Forwarded-Access-Token": "bob-token"}
     await asyncio.gather(speak(client, body(), alice), speak(client, body(), bob))
-    await client.app[CACHE].drain()
+    await settle(client.app)
     prefix = f"{VOLUME_PATH}/tts_audio/"
     assert emulator.tokens_used(prefix + "alice@example.com/") == {"alice-token"}
     assert emulator.tokens_used(prefix + "bob@example.com/") == {"bob-token"}
@@ -323,7 +323,7 @@ async def test_metrics_count_files_api_calls_and_the_wait_for_the_limiter(
     client = await aiohttp_client(create_app(databricks_settings(tmp_path, legacy_backend)))
     _, headers, _ = await speak(client, body())
     assert headers["X-TTS-Cache"] == "miss"
-    await client.app[CACHE].drain()
+    await settle(client.app)
 
     async with client.get("/_proxy/metrics") as response:
         text = await response.text()
@@ -344,7 +344,7 @@ async def test_content_entries_on_a_databricks_volume_are_walked_and_purged(
     _, headers, audio = await speak(client, without_ids)
     assert headers["X-TTS-Cache"] == "miss"
     await speak(client, body())
-    await client.app[CACHE].drain()
+    await settle(client.app)
     digest = headers["Content-Location"].split("/")[4]
     variant = headers["Content-Location"].split("/")[5]
     stored = f"{VOLUME_PATH}/tts_audio/alice@example.com/_text/{digest}/{variant}.mp3"
@@ -368,7 +368,7 @@ async def test_metrics_and_stats_never_walk_a_files_api_volume(
     for number in range(3):
         status, _, _ = await speak(client, body(message_id=f"m-{number}"))
         assert status == 200
-    await client.app[CACHE].drain()
+    await settle(client.app)
     listings = emulator.count("GET", "directories")
 
     async with client.get("/_proxy/metrics") as scraped:

@@ -13,7 +13,7 @@ from proxy.state import CACHE, INDEX
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.pg import ChatMessage, PostgresServer, create_chat_messages, message_metadata
-from tests.support import ALICE, BOB, SPEAK
+from tests.support import ALICE, BOB, SPEAK, settle
 from tests.support import speak_body as body
 
 
@@ -52,7 +52,7 @@ async def test_stored_entries_are_recorded_in_the_index(
 ) -> None:
     client = await proxy_with_index(aiohttp_client, legacy_backend, tmp_path, postgres_dsn)
     assert await speak(client, body(provider="replicate"), ALICE) == (200, "miss")
-    await client.app[CACHE].drain()
+    await settle(client.app)
     (row,) = await rows(postgres_dsn)
     assert (row["user_id"], row["thread_id"], row["message_id"], row["voice"]) == (
         "alice@example.com",
@@ -99,7 +99,7 @@ async def test_ownership_is_enforced_and_legacy_metadata_written_for_the_owner(
         assert response.status == 200
     # A message nobody owns is not cached either.
     assert await speak(client, body(message_id="m-404"), ALICE) == (200, "disabled")
-    await client.app[CACHE].drain()
+    await settle(client.app)
 
     metadata = await message_metadata(postgres_dsn, "m-1")
     assert metadata is not None and metadata["kept"] == 1
@@ -153,7 +153,7 @@ async def test_without_ownership_checks_a_dead_index_is_skipped(
     try:
         assert await speak(client, body(), ALICE) == (200, "miss")
         assert await speak(client, body(), ALICE) == (200, "hit")
-        await client.app[CACHE].drain()
+        await settle(client.app)
         assert client.app[CACHE].errors["index"] >= 1
     finally:
         postgres_server.start()

@@ -14,12 +14,11 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes import FakeLegacyBackend
 from tests.fakes.deepgram_api import FakeDeepgramApi
 from tests.fakes.replicate_api import FakeReplicateApi
-from tests.support import ALICE, SPEAK, speak_body
+from tests.support import ALICE, SPEAK, settle, speak_body
 
 REPLICATE_TOKEN = "r8_Zq4mProxyToken0123456789abcdefABCDEF0"
 DEEPGRAM_KEY = "4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d"
@@ -137,7 +136,7 @@ async def test_fallback_audio_is_served_but_never_stored(
         assert headers["X-TTS-Cache"] == "miss" and "stored" not in headers["Cache-Status"]
     assert deepgram_api.calls["speak"] == 2
     assert deepgram_api.requests[0].model == "aura-2-thalia-en"
-    await client.app[CACHE].drain()
+    await settle(client.app)
     assert not list((tmp_path / "volume").rglob("*.meta.json"))
 
 
@@ -183,7 +182,7 @@ async def test_cut_short_audio_is_not_stored(
     payload = body(voice="aura-2-thalia-en")
     with pytest.raises(aiohttp.ClientPayloadError):
         await speak(client, payload)
-    await client.app[CACHE].drain()
+    await settle(client.app)
     _, headers, _ = await speak(client, payload)
     assert headers["X-TTS-Cache"] == "miss"
     assert deepgram_api.calls["speak"] == 2

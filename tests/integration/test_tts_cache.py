@@ -20,7 +20,7 @@ from proxy.config import Settings
 from proxy.state import CACHE
 from tests.conftest import settings_for
 from tests.fakes.legacy_backend import FakeLegacyBackend
-from tests.support import ALICE, BOB, SPEAK, TOKEN, speak_body
+from tests.support import ALICE, BOB, SPEAK, TOKEN, settle, speak_body
 
 
 def body(**change: Any) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def volume_files(tmp_path: Path) -> list[Path]:
 
 
 async def wait_for_volume(client: TestClient[Any, Any]) -> None:
-    await client.app[CACHE].drain()
+    await settle(client.app)
 
 
 async def test_miss_then_hit_from_memory(
