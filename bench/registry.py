@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from bench.burst import burst_of_misses
 from bench.footprint import FOOTPRINT, footprint
 from bench.production import PRODUCTION, production_replay
 from bench.replay import REPLAY, replay
@@ -13,7 +14,6 @@ from bench.scenarios import (
     MISS,
     VOLUME_HIT,
     Runner,
-    burst_of_misses,
     memory_hit,
     miss,
     volume_hit,

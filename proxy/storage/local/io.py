@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ BACKGROUND_THREADS: Final = 2
 # How much lower the background threads' CPU priority is than the event loop's (nice steps).
 BACKGROUND_NICE: Final = 10
 LOCK_STRIPES: Final = 64
+FOLDERS_REMEMBERED: Final = 4_096
 
 
 class KeyLocks:
@@ -49,6 +51,55 @@ class KeyLocks:
     def of(self, key: CacheKey) -> threading.Lock:
         """The lock of `key`'s stripe."""
         return self._stripes[hash(key) % len(self._stripes)]
+
+
+class MessageFolders:
+    """Message folders checked to be under the Volume's root, remembered: resolving a path is a
+    system call per component, and every write and hit needs its folder."""
+
+    def __init__(self, root: Path, base: Path, *, remembered: int = FOLDERS_REMEMBERED) -> None:
+        self.root = root
+        self.base = base
+        self._limit = remembered
+        self._folders: dict[tuple[str, str, str], Path] = {}
+        self._parents: dict[tuple[str, str], Path] = {}
+
+    def known(self, parts: tuple[str, str, str]) -> bool:
+        """True when the folder of these ids was checked before."""
+        return parts in self._folders
+
+    def remembered(self, key: CacheKey) -> Path:
+        """`checked(key)`, from what was checked before when it was."""
+        parts = (key.user, key.thread_id, key.message_id)
+        folder = self._folders.get(parts)
+        if folder is None:
+            folder = self.checked(key)
+            if len(self._folders) >= self._limit:
+                self._folders.clear()
+            self._folders[parts] = folder
+        return folder
+
+    def checked(self, key: CacheKey) -> Path:
+        """The key's message folder, checked to be under the root.
+
+        Its thread folder is resolved (every component, links followed, checked) once and
+        remembered; the message's own component is checked on each call: one lstat rather than
+        one per component of the whole path. A missing folder is made by mkdir, which never
+        follows a link.
+        """
+        parent_key = (key.user, key.thread_id)
+        parent = self._parents.get(parent_key)
+        if parent is None:
+            parent = resolve_under(self.root, self.base / key.user / key.thread_id)
+            if len(self._parents) >= self._limit:
+                self._parents.clear()
+            self._parents[parent_key] = parent
+        folder = parent / key.message_id
+        try:
+            linked = stat.S_ISLNK(os.lstat(folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return folder
+        return resolve_under(self.root, folder) if linked else folder
 
 
 class VolumeThreads:

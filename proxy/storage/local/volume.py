@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -29,17 +28,16 @@ from proxy.storage.local import maintenance
 from proxy.storage.local.commit import Publish
 from proxy.storage.local.io import (
     KeyLocks,
+    MessageFolders,
     VolumeThreads,
     folder_writable,
     load_sidecar,
     read_file_bounded,
     remove_entry,
-    resolve_under,
     stage_entry,
 )
 from proxy.storage.tiers import CallStats, CorruptEntry
 
-_FOLDER_CACHE: Final = 4_096
 _VERIFIED_CACHE: Final = 4_096
 _HIT_PRECISION_SECONDS: Final = 60.0
 # The largest read buffer get_nowait keeps between hits.
@@ -82,9 +80,8 @@ class LocalVolume:
         self._locks = KeyLocks()
         self._threads = VolumeThreads()
         self._orphan_walk = maintenance.OrphanWalk(self.base)
-        # Folders resolved once (resolving walks every path component with a syscall).
-        self._folders: dict[tuple[str, str, str], Path] = {}
-        self._parents: dict[tuple[str, str], Path] = {}
+        # Folders checked once (resolving walks every path component with a syscall).
+        self._folders = MessageFolders(self.root, self.base)
         # What was verified, by the file identities it was verified on: a hit whose sidecar and
         # object are still those files (same inode, size, mtime) skips re-hashing the body.
         # Writes replace files by rename, so any rewrite shows up as another inode.
@@ -258,41 +255,16 @@ class LocalVolume:
     # Everything below runs in a worker thread.
 
     def _folder(self, key: CacheKey) -> Path:
-        """The key's message folder, checked to be under the root.
-
-        Its thread folder is resolved (every component, links followed, checked) once and
-        remembered; the message's own component is checked on each call: one lstat rather than
-        one per component of the whole path. A missing folder is made by mkdir, which never
-        follows a link.
-        """
-        parent_key = (key.user, key.thread_id)
-        parent = self._parents.get(parent_key)
-        if parent is None:
-            parent = resolve_under(self.root, self.base / key.user / key.thread_id)
-            if len(self._parents) >= _FOLDER_CACHE:
-                self._parents.clear()
-            self._parents[parent_key] = parent
-        folder = parent / key.message_id
-        try:
-            linked = stat.S_ISLNK(os.lstat(folder).st_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            return folder
-        return resolve_under(self.root, folder) if linked else folder
+        """The key's message folder, checked to be under the root (MessageFolders.checked)."""
+        return self._folders.checked(key)
 
     def _entry_folder(self, key: CacheKey) -> Path:
-        """The key's message folder, from the cache of folders resolved before."""
-        parts = (key.user, key.thread_id, key.message_id)
-        folder = self._folders.get(parts)
-        if folder is None:
-            folder = self._folder(key)
-            if len(self._folders) >= _FOLDER_CACHE:
-                self._folders.clear()
-            self._folders[parts] = folder
-        return folder
+        """The key's message folder, from the folders checked before."""
+        return self._folders.remembered(key)
 
     def _get_sync(self, key: CacheKey) -> Entry | None:
         parts = (key.user, key.thread_id, key.message_id)
-        if parts not in self._folders and not os.path.lexists(
+        if not self._folders.known(parts) and not os.path.lexists(
             os.path.join(self.base, *parts, sidecar_name(key.voice))
         ):
             # A miss, told by one stat: resolving (and checking) the folder, a syscall per
