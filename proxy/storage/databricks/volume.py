@@ -339,13 +339,9 @@ class DatabricksVolume:
         name, sidecar = encode_sidecar(key, entry.meta)
         await self._api.upload(call, self._files.object_path(key, name), entry.body)
         await self._api.upload(call, self.paths.sidecar(key), sidecar)
-        # An earlier recording in another format would linger beside the new one.
-        try:
-            for other in await self._files.objects_of(call, key):
-                if other != name:
-                    await self._api.delete_file(call, self._files.object_path(key, other))
-        except (VolumeUnavailable, VolumeRequestFailed) as exc:
-            logger.debug("volume cleanup after put %s skipped: %s", call.digest, type(exc).__name__)
+        # Two calls, no listing: an earlier recording in another format (rare: the provider's
+        # format changed) lingers unread beside the sidecar, which names the new object, until
+        # the orphan walk removes it (VolumeWalks). Listing here cost a third of every write.
 
     async def _exists(self, call: Call, key: CacheKey) -> bool:
         _, parsed = await self._files.sidecar(call, key)

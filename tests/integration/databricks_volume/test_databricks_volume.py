@@ -96,15 +96,25 @@ async def test_a_miss_is_none_and_not_a_failure(make_volume: MakeVolume) -> None
     assert volume.breaker.consecutive_failures == 0
 
 
-async def test_put_in_another_format_removes_the_old_object(
+async def test_a_put_is_two_calls_and_the_orphan_walk_removes_an_old_format(
     emulator: FilesApiEmulator, make_volume: MakeVolume
 ) -> None:
     volume = make_volume()
     await volume.put(KEY, entry_for(audio(), "audio/mpeg"))
     wav = entry_for(audio(seed="wav"), "audio/wav")
+    calls = sum(emulator.calls.values())
     await volume.put(KEY, wav)
-    assert emulator.read(OBJECT) is None
+    # The object, then its sidecar: no listing to look for a recording in another format.
+    assert sum(emulator.calls.values()) - calls == 2
     assert emulator.read(f"{FOLDER}/af_nicole.wav") == wav.body
+    assert await volume.get(KEY) == wav  # the sidecar names the new object
+    assert emulator.read(OBJECT) is not None
+
+    # The superseded object goes with the orphan walk once old enough, never the named one.
+    assert await volume.clean_orphans(limit=10, older_than=time.time() - 60) == 0
+    assert emulator.read(OBJECT) is not None
+    assert await volume.clean_orphans(limit=10, older_than=time.time() + 60) == 1
+    assert emulator.read(OBJECT) is None
     assert await volume.get(KEY) == wav
 
     await volume.delete(KEY)
