@@ -11,7 +11,7 @@ from typing import Final, NamedTuple, TypeVar
 from proxy.speak import CacheKey
 from proxy.storage.entry import Entry
 from proxy.storage.memory import MemoryTier
-from proxy.storage.tiers import DurableTier, EntryStream
+from proxy.storage.tiers import DurableTier, EntryStream, VolumeBusy
 
 T = TypeVar("T")
 # How long the proxy waits before it writes a fresh entry to the Volume (see TieredCache).
@@ -355,6 +355,11 @@ class TieredCache:
             self._failed(memory.name, "put", key, exc)
 
     def _failed(self, tier: str, op: str, key: CacheKey, exc: Exception) -> None:
+        if isinstance(exc, VolumeBusy):
+            # Its call budget, not the Volume: counted apart; a busy minute would flood the log.
+            self.errors[f"{tier}_busy"] += 1
+            self._logger.debug("cache tier %s %s skipped for key %s: busy", tier, op, key.digest())
+            return
         self.errors[tier] += 1
         # Only the exception's type: its message may carry a path built from the raw ids.
         self._logger.warning(

@@ -14,6 +14,11 @@ class VolumeUnavailable(Exception):
     """The Volume cannot be used now: its breaker is open, time ran out, or retries ran out."""
 
 
+class VolumeBusy(VolumeUnavailable):
+    """The Volume's call budget could not start the call in its time: the Volume is not at fault
+    (its breaker does not count it), the caller goes on without it."""
+
+
 class CorruptEntry(Exception):
     """A stored object disagreed with its sidecar (length or sha256); the entry is being removed."""
 

@@ -14,6 +14,8 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from proxy.storage.tiers import VolumeBusy
+
 READ, WRITE = 0, 1
 
 
@@ -28,6 +30,7 @@ class CallLimiter:
         self.rate = rate
         self.wait_seconds = 0.0  # time calls spent waiting for a slot, in all
         self.waited = 0  # calls that had to wait
+        self.refused = 0  # calls given up for want of a slot in their time (VolumeBusy)
         self._in_flight = 0
         self._tokens = float(concurrency)
         self._refilled_at: float | None = None
@@ -45,18 +48,38 @@ class CallLimiter:
     async def slot(self, priority: int, until: float | None = None) -> AsyncIterator[None]:
         """Hold a slot for one call (READ before WRITE); released on exit, whatever happens.
 
-        TimeoutError when no slot was free by `until` (the loop's clock): a lookup waits for a
-        slot only within its budget.
+        VolumeBusy when no slot was free by `until` (the loop's clock): a lookup waits for a
+        slot only within its budget. When the calls queued ahead cannot all start by then even
+        at the full rate, it is raised at once: a miss goes upstream without waiting in vain.
         """
         if until is None:
             await self._acquire(priority)
         else:
-            async with asyncio.timeout_at(until):
-                await self._acquire(priority)
+            if self._earliest_start(priority) > until:
+                self.refused += 1
+                raise VolumeBusy("the Files API call budget is taken until past this call's time")
+            try:
+                async with asyncio.timeout_at(until):
+                    await self._acquire(priority)
+            except TimeoutError:
+                self.refused += 1
+                raise VolumeBusy("no Files API call slot came free in this call's time") from None
         try:
             yield
         finally:
             self._release()
+
+    def _earliest_start(self, priority: int) -> float:
+        """The soonest a call queued now at `priority` could start (a lower bound: the rate's
+        and any pause's, not the concurrency's, which depends on how long calls take)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ahead = sum(1 for p, _, waiter in self._queue if p <= priority and not waiter.done())
+        tokens = self._tokens
+        if self._refilled_at is not None:
+            tokens = min(float(self.concurrency), tokens + (now - self._refilled_at) * self.rate)
+        by_rate = now + max(0.0, ahead + 1 - tokens) / self.rate
+        return max(by_rate, self._paused_until)
 
     def pause(self, seconds: float) -> None:
         """Start no call for `seconds` (a 429's Retry-After): the whole process slows down."""

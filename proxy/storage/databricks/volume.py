@@ -35,7 +35,7 @@ from proxy.storage.layout import (
     object_name,
     require_valid,
 )
-from proxy.storage.tiers import CallStats, CorruptEntry, VolumeUnavailable
+from proxy.storage.tiers import CallStats, CorruptEntry, VolumeBusy, VolumeUnavailable
 
 if TYPE_CHECKING:
     from databricks.sdk.config import Config
@@ -380,8 +380,8 @@ class DatabricksVolume:
             async with asyncio.timeout_at(deadline):
                 host, headers = await self._credentials.for_call(answer_by or deadline)
                 result = await operation(Call(host, headers, deadline, digest, answer_by))
-        except asyncio.CancelledError:
-            self.breaker.release()
+        except (asyncio.CancelledError, VolumeBusy):
+            self.breaker.release()  # the Volume was not asked: nothing to judge it by
             raise
         except TimeoutError:
             self.breaker.record_failure()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -388,3 +389,31 @@ async def test_invalid_keys_are_refused(make_volume: MakeVolume) -> None:
         await volume.get(CacheKey("../alice", "t", "m", "v"))
     with pytest.raises(ValueError):
         await volume.put(KEY, dataclasses.replace(entry_for(b"abc"), body=b"abd"))
+
+
+async def test_lookups_past_the_call_budget_go_upstream_at_once_and_spare_the_breaker(
+    emulator: FilesApiEmulator, make_volume: MakeVolume
+) -> None:
+    # One call at a time, two a second, a lookup answered within 300 ms, each call 200 ms.
+    volume = make_volume(
+        settings={
+            "max_concurrent_calls": 1,
+            "max_calls_per_second": 2.0,
+            "lookup_budget_ms": 300,
+            "failure_threshold": 1,
+        }
+    )
+    cache = TieredCache(None, volume, timeout_seconds=5.0, logger=logging.getLogger("test"))
+    assert await volume.read_meta(KEY) is None  # credentials resolved (no lookup budget)
+    emulator.latency = 0.2
+    keys = [KEY._replace(message_id=f"m{n}") for n in range(8)]
+    started = time.monotonic()
+    answers = await asyncio.gather(*(cache.get(key) for key in keys))
+    elapsed = time.monotonic() - started
+
+    assert answers == [None] * 8  # every lookup a miss: nothing stored
+    assert cache.errors["volume_busy"] >= 5  # those the budget could not start in time
+    assert cache.errors["volume"] == 0  # none of it is the Volume's fault...
+    assert volume.breaker_state == "closed"  # ...so the breaker stays closed
+    assert elapsed < 1.0  # nobody waited past their lookup's budget (plus one call)
+    assert emulator.count("GET", "files") <= 3  # the budget's calls: the refused made none
