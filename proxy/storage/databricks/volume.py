@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -30,11 +31,7 @@ from proxy.storage.databricks.maintenance import VolumeWalks
 from proxy.storage.databricks.paths import VolumePaths
 from proxy.storage.databricks.streamed import StreamedEntry
 from proxy.storage.entry import Entry, EntryInfo, EntryMeta
-from proxy.storage.layout import (
-    encode_sidecar,
-    object_name,
-    require_valid,
-)
+from proxy.storage.layout import object_name, require_valid
 from proxy.storage.tiers import CallStats, CorruptEntry, VolumeBusy, VolumeUnavailable
 
 if TYPE_CHECKING:
@@ -51,8 +48,8 @@ class DatabricksVolume:
 
     Layout and integrity rules are every Volume's (`proxy.storage.layout`). Every operation runs
     behind a circuit breaker with a deadline of its own (a lookup's answer within the lookup
-    budget, see DurableTier). Credentials come from databricks-sdk's
-    unified auth (`auth = "app"`) or from the on-behalf-of token of the request being served
+    budget, see DurableTier). Credentials come from databricks-sdk's unified auth (`auth = "app"`)
+    or from the on-behalf-of token of the request being served
     (`auth = "user"`, `CURRENT_TOKEN`); without that token an operation is skipped.
     """
 
@@ -144,8 +141,20 @@ class DatabricksVolume:
             raise ValueError("entry body disagrees with its metadata")
         if self._skipped(key):
             return
-        async with self._stripe(key):
-            await self._guarded(key.digest(), lambda call: self._put(call, key, entry))
+        # One deadline, the turn at the key's stripe included: writes queued behind the call
+        # budget past it are refused (VolumeBusy), not piled up.
+        until = asyncio.get_running_loop().time() + self.timeout_seconds
+        stripe = self._stripe(key)
+        try:
+            async with asyncio.timeout_at(until):
+                await stripe.acquire()
+        except TimeoutError:
+            raise VolumeBusy("earlier writes held this key's turn past its time") from None
+        try:
+            write = functools.partial(self._files.write, key=key, entry=entry)
+            await self._guarded(key.digest(), write, until=until)
+        finally:
+            stripe.release()
 
     async def delete(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
@@ -202,7 +211,7 @@ class DatabricksVolume:
             # Unknown is not "absent": a False here would drop the entry's index row.
             raise VolumeUnavailable("no credentials to check the Volume with")
         async with self._stripe(key):
-            return await self._guarded(key.digest(), lambda call: self._exists(call, key))
+            return await self._guarded(key.digest(), lambda call: self._files.exists(call, key))
 
     def location(self, key: CacheKey, content_type: str) -> str:
         """The Volume path of the object for `key` (what the index and legacy metadata record)."""
@@ -335,27 +344,6 @@ class DatabricksVolume:
         except Exception as exc:
             logger.debug("volume removal of %s failed: %s", key.digest(), type(exc).__name__)
 
-    async def _put(self, call: Call, key: CacheKey, entry: Entry) -> None:
-        name, sidecar = encode_sidecar(key, entry.meta)
-        await self._api.upload(call, self._files.object_path(key, name), entry.body)
-        await self._api.upload(call, self.paths.sidecar(key), sidecar)
-        # Two calls, no listing: an earlier recording in another format (rare: the provider's
-        # format changed) lingers unread beside the sidecar, which names the new object, until
-        # the orphan walk removes it (VolumeWalks). Listing here cost a third of every write.
-
-    async def _exists(self, call: Call, key: CacheKey) -> bool:
-        _, parsed = await self._files.sidecar(call, key)
-        if parsed is None:
-            return False
-        meta, name = parsed
-        path = self._files.object_path(key, name)
-        head = await self._api.exchange(call, "HEAD", FILES_API, path)
-        if head.status == 404:
-            return False
-        check(head, "HEAD")
-        length = head.headers.get("Content-Length")
-        return length is None or length == str(meta.length)
-
     # Plumbing
 
     async def _guarded(
@@ -364,18 +352,22 @@ class DatabricksVolume:
         operation: Callable[[Call], Awaitable[T]],
         *,
         budget: float | None = None,
+        until: float | None = None,
     ) -> T:
         """Run `operation` behind the breaker, with credentials and a deadline of its own.
 
-        The deadline is `timeout_seconds` away. A lookup passes its `budget`: its answer
-        (credentials, sidecar, the object's response head) is due within it, and a body then
-        has `timeout_seconds`. Running out of time is a failure, like an error.
+        The deadline is `timeout_seconds` away, or `until` if sooner. A lookup passes its
+        `budget`: its answer (credentials, sidecar, the object's response head) is due within
+        it, and a body then has `timeout_seconds`. Running out of time is a failure, like an
+        error; a call the budget could not start (VolumeBusy) is not.
         """
         if not self.breaker.allow():
             raise VolumeUnavailable("the Volume circuit breaker is open")
         start = asyncio.get_running_loop().time()
         answer_by = None if budget is None else start + budget
         deadline = (start if answer_by is None else answer_by) + self.timeout_seconds
+        if until is not None:
+            deadline = min(deadline, until)
         try:
             async with asyncio.timeout_at(deadline):
                 host, headers = await self._credentials.for_call(answer_by or deadline)
