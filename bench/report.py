@@ -136,7 +136,8 @@ def _replay_notes(row: Row) -> list[str]:
             f"calls waited {extra['limiter_wait_seconds']:.1f} s in all for the limiter; "
             f"write-behind: {extra['stored']:.0f} stored, {extra['writes_done']:.0f} written, "
             f"{extra['writes_skipped']:.0f} skipped (backlog full), "
-            f"{extra['volume_errors']:.0f} Volume errors counted"
+            f"{extra['volume_errors']:.0f} Volume errors and "
+            f"{extra.get('volume_busy', 0):.0f} calls refused as busy counted"
         )
     if "rss_mib" in extra:
         notes.append(

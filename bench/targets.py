@@ -248,7 +248,8 @@ def _production(found: Rows) -> list[Verdict]:
             continue
         measured = (
             f"{extra['stored']:.0f} stored: {extra['writes_done']:.0f} written, "
-            f"{extra['writes_skipped']:.0f} skipped, {extra['volume_errors']:.0f} Volume errors"
+            f"{extra['writes_skipped']:.0f} skipped, {extra['volume_errors']:.0f} Volume errors, "
+            f"{extra.get('volume_busy', 0):.0f} busy"
         )
         verdicts.append(
             Verdict(target, measured, "none lost", PASS if row.usable else MISSED, missing)

@@ -89,6 +89,7 @@ class DatabricksVolume:
         )
         # Writes and checks of one key (put, delete, exists, orphan removal) take its stripe in
         # this process, so a check never judges a half-written entry and removes a good one.
+        # The stripes also bound the writes in flight: each one started can finish in budget.
         self._stripes = tuple(asyncio.Lock() for _ in range(_LOCK_STRIPES))
         self._files = EntryFiles(self._api, self.paths)
         self._walks = VolumeWalks(self.paths, self._api, self._guarded, self._stripe)
@@ -141,20 +142,11 @@ class DatabricksVolume:
             raise ValueError("entry body disagrees with its metadata")
         if self._skipped(key):
             return
-        # One deadline, the turn at the key's stripe included: writes queued behind the call
-        # budget past it are refused (VolumeBusy), not piled up.
-        until = asyncio.get_running_loop().time() + self.timeout_seconds
-        stripe = self._stripe(key)
-        try:
-            async with asyncio.timeout_at(until):
-                await stripe.acquire()
-        except TimeoutError:
-            raise VolumeBusy("earlier writes held this key's turn past its time") from None
-        try:
+        # Its calls, their wait for the call budget included, have timeout_seconds; a write the
+        # budget cannot start in that time is refused as busy (VolumeBusy), not as a failure.
+        async with self._stripe(key):
             write = functools.partial(self._files.write, key=key, entry=entry)
-            await self._guarded(key.digest(), write, until=until)
-        finally:
-            stripe.release()
+            await self._guarded(key.digest(), write)
 
     async def delete(self, key: CacheKey) -> None:
         """Remove the entry under `key`, if any."""
@@ -352,11 +344,10 @@ class DatabricksVolume:
         operation: Callable[[Call], Awaitable[T]],
         *,
         budget: float | None = None,
-        until: float | None = None,
     ) -> T:
         """Run `operation` behind the breaker, with credentials and a deadline of its own.
 
-        The deadline is `timeout_seconds` away, or `until` if sooner. A lookup passes its
+        The deadline is `timeout_seconds` away. A lookup passes its
         `budget`: its answer (credentials, sidecar, the object's response head) is due within
         it, and a body then has `timeout_seconds`. Running out of time is a failure, like an
         error; a call the budget could not start (VolumeBusy) is not.
@@ -366,8 +357,6 @@ class DatabricksVolume:
         start = asyncio.get_running_loop().time()
         answer_by = None if budget is None else start + budget
         deadline = (start if answer_by is None else answer_by) + self.timeout_seconds
-        if until is not None:
-            deadline = min(deadline, until)
         try:
             async with asyncio.timeout_at(deadline):
                 host, headers = await self._credentials.for_call(answer_by or deadline)

@@ -417,25 +417,3 @@ async def test_lookups_past_the_call_budget_go_upstream_at_once_and_spare_the_br
     assert volume.breaker_state == "closed"  # ...so the breaker stays closed
     assert elapsed < 1.0  # nobody waited past their lookup's budget (plus one call)
     assert emulator.count("GET", "files") <= 3  # the budget's calls: the refused made none
-
-
-async def test_a_write_queued_past_its_time_is_refused_as_busy_not_failed(
-    emulator: FilesApiEmulator, make_volume: MakeVolume
-) -> None:
-    volume = make_volume(settings={"timeout_seconds": 0.3, "failure_threshold": 1})
-    cache = TieredCache(None, volume, timeout_seconds=5.0, logger=logging.getLogger("test"))
-    assert await volume.read_meta(KEY) is None  # credentials resolved
-    entry = entry_for(audio())
-    turn = volume._stripe(KEY)  # an earlier write of a key on the same stripe, never ending
-    await turn.acquire()
-    calls = sum(emulator.calls.values())
-    cache.put(KEY, entry)
-    await cache.drain()
-    assert cache.errors["volume_busy"] == 1 and cache.errors["volume"] == 0
-    assert sum(emulator.calls.values()) == calls  # refused before any call
-    assert volume.breaker_state == "closed"
-
-    turn.release()
-    cache.put(KEY, entry)
-    await cache.drain()
-    assert await volume.get(KEY) == entry
