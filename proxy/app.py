@@ -36,7 +36,7 @@ from proxy.state import (
     SpeakRoute,
 )
 from proxy.stats import CacheStats
-from proxy.upstreams.providers import check_credentials
+from proxy.upstreams.provider_setup import check_credentials
 
 log = logging.getLogger(__name__)
 

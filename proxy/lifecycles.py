@@ -82,7 +82,7 @@ from proxy.storage.tiered import WRITE_DELAY_SECONDS, TieredCache
 from proxy.storage.tiers import DurableTier
 from proxy.storage.volumes import backstop_seconds, build_volume
 from proxy.upstreams.http import HttpUpstream, client_session
-from proxy.upstreams.providers import build_synthesizer
+from proxy.upstreams.provider_setup import build_synthesizer
 
 log = logging.getLogger(__name__)
 

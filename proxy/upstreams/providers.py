@@ -1,32 +1,28 @@
-"""TTS providers as upstreams: the fallback chain, its errors, and the factory the app calls."""
+"""TTS providers as upstreams: the fallback chain, its errors, what a provider answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
-import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from aiohttp import hdrs
 from multidict import CIMultiDict
 
-from proxy.config import ConfigError, Settings, UpstreamSettings
+from proxy.config import ConfigError
 from proxy.headers import X_TTS_FALLBACK, X_TTS_PROVIDER, X_TTS_VOICE
 from proxy.upstreams.base import SpeakCall, UpstreamError, UpstreamResponse
 from proxy.upstreams.clean import clean_text
 
 if TYPE_CHECKING:
-    import aiohttp
+    pass
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS: Final = {"replicate": "REPLICATE_API_TOKEN", "deepgram": "DEEPGRAM_API_KEY"}
-PACKAGES: Final = {"replicate": "replicate>=1,<2", "deepgram": "deepgram-sdk>=3,<8"}
 MAX_DETAIL_CHARS: Final = 300
 CLEAN_INLINE_CHARS: Final = 16_384
 REDACTED: Final = "***"
@@ -331,67 +327,6 @@ def _substitutions(response: UpstreamResponse, call: SpeakCall, *, first: bool) 
     return found
 
 
-def check_credentials(settings: UpstreamSettings, environ: Mapping[str, str] | None = None) -> None:
-    """Raise MissingCredential when a configured provider lacks its SDK or its credential."""
-    if settings.kind == "http":
-        # The legacy backend synthesizes; a fallback provider is never used then.
-        return
-    environ = os.environ if environ is None else environ
-    for key, name in (("upstream.kind", settings.kind), ("upstream.fallback", settings.fallback)):
-        if name not in CREDENTIALS:
-            continue
-        variable = CREDENTIALS[name]
-        if not environ.get(variable, "").strip():
-            raise MissingCredential(key, name, f"{name!r} needs {variable} set in the environment")
-        try:
-            _import_provider(name)
-        except ImportError:
-            raise MissingCredential(
-                key,
-                name,
-                f"{name!r} needs the {PACKAGES[name].split('>')[0]} package: "
-                f"pip install '{PACKAGES[name]}'",
-            ) from None
-
-
-def build_synthesizer(
-    settings: Settings,
-    session: aiohttp.ClientSession,
-    *,
-    environ: Mapping[str, str] | None = None,
-) -> ProviderChain | None:
-    """The provider chain for upstream.kind replicate or deepgram; None for http (the backend)."""
-    upstream = settings.upstream
-    if upstream.kind == "http":
-        return None
-    check_credentials(upstream, environ)
-    environ = os.environ if environ is None else environ
-    names = [upstream.kind] + ([upstream.fallback] if upstream.fallback else [])
-    providers: list[Provider] = []
-    for name in names:
-        credential = environ[CREDENTIALS[name]].strip()
-        if name == "replicate":
-            from proxy.upstreams.replicate import ReplicateUpstream
-
-            # A Deepgram voice means nothing to Kokoro: the configured default speaks instead.
-            voice = settings.tts.default_voice
-            kokoro = voice if not voice.startswith("aura-") else "af_nicole"
-            providers.append(
-                ReplicateUpstream(upstream, session, api_token=credential, fallback_voice=kokoro)
-            )
-        else:
-            from proxy.upstreams.deepgram import DeepgramUpstream
-
-            providers.append(DeepgramUpstream(upstream, api_key=credential))
-    clean = clean_text if settings.tts.clean_text == "basic" else None
-    return ProviderChain(providers, timeout_seconds=upstream.provider_timeout_seconds, clean=clean)
-
-
-def _import_provider(name: str) -> None:
-    # The SDKs are optional: importing the provider module is what tells whether one is there.
-    importlib.import_module(f"proxy.upstreams.{name}")
-
-
 __all__ = [
     "AllProvidersFailed",
     "MissingCredential",
@@ -401,7 +336,5 @@ __all__ = [
     "ProviderError",
     "ProviderResponse",
     "audio_headers",
-    "build_synthesizer",
-    "check_credentials",
     "redact",
 ]

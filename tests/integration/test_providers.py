@@ -19,12 +19,11 @@ from proxy.speak import SpeakRequest
 from proxy.upstreams.base import SpeakCall, UpstreamError, UpstreamResponse
 from proxy.upstreams.deepgram import DeepgramUpstream
 from proxy.upstreams.http import client_session
+from proxy.upstreams.provider_setup import build_synthesizer, check_credentials
 from proxy.upstreams.providers import (
     AllProvidersFailed,
     MissingCredential,
     ProviderChain,
-    build_synthesizer,
-    check_credentials,
     redact,
 )
 from proxy.upstreams.replicate import ReplicateUpstream
