@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.speak import CacheKey
-from proxy.state import VOLUME
+from proxy.state import CACHE, VOLUME
 from proxy.storage.layout import voice_of
 from tests.conftest import settings_for
 from tests.databricks_volume_support import (  # noqa: F401 - fixtures for this test
@@ -127,14 +127,19 @@ class Proxy:
 
 
 async def watch_breaker(proxy: Proxy, trouble: VolumeTrouble, done: asyncio.Event) -> None:
-    """Record when the Volume's breaker was not closed (widened by one poll on each side)."""
+    """Record when the Volume's breaker was not closed, or its call budget refused lookups (a
+    429's pause holds every call back), widened by one poll on each side."""
     opened: float | None = None
+    errors = proxy.app[CACHE].errors
+    refused = errors["volume_busy"]
     while not done.is_set():
         now = time.monotonic()
         state = proxy.app[VOLUME].breaker_state
-        if state != "closed" and opened is None:
+        busy, refused = errors["volume_busy"] > refused, errors["volume_busy"]
+        troubled = state != "closed" or busy
+        if troubled and opened is None:
             opened = now - BREAKER_POLL_SECONDS
-        elif state == "closed" and opened is not None:
+        elif not troubled and opened is not None:
             trouble.breaker_open.append((opened, now))
             opened = None
         await asyncio.sleep(BREAKER_POLL_SECONDS)
