@@ -41,7 +41,7 @@ MIB: Final = 1024 * 1024
 # The workspace's Files API budget every replica shares (proxy/storage/databricks/limiter.py).
 FILES_API_CALLS_PER_SECOND: Final = 100.0
 READ_CALLS: Final = 2  # sidecar, object
-WRITE_CALLS: Final = 3  # object, sidecar, the listing that removes another format's object
+WRITE_CALLS: Final = 2  # the object, then its sidecar
 MISS_CALLS_WITHOUT_INDEX: Final = 1  # the sidecar's 404
 
 
