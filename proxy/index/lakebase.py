@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.index.rotating_password import IssuedToken, RotatingPassword
+from proxy.storage.databricks import auth
 
 
 class DatabricksToken:
@@ -42,7 +43,7 @@ def _new_config(options: dict[str, Any]) -> Any:
         from databricks.sdk.core import Config
     except ImportError as exc:  # pragma: no cover - databricks-sdk is a dependency
         raise RuntimeError("install databricks-sdk to use Databricks authentication") from exc
-    return Config(**options)
+    return Config(**{"retry_timeout_seconds": auth.SDK_RETRY_SECONDS, **options})
 
 
 def _bearer(headers: dict[str, str]) -> str:

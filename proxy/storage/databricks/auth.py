@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 # The SDK refreshes its tokens itself; reusing its headers briefly saves a thread hop per call.
 _AUTH_CACHE_SECONDS: Final = 30.0
+# How long databricks-sdk retries a call it makes (host metadata, tokens) unless told otherwise.
+# Its default, 300 s, would keep a thread busy past any shutdown's grace (15 s on Databricks Apps)
+# while the workspace is unreachable, and the process waits for its threads on exit.
+SDK_RETRY_SECONDS = 10
 # Config options and environment variables whose values must never reach a log line.
 _SECRET_OPTIONS: Final = ("token", "client_secret", "password", "azure_client_secret")
 _SECRET_ENV: Final = ("DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_PASSWORD")
@@ -172,4 +176,4 @@ def _build_config(options: Mapping[str, Any]) -> Config:
         raise VolumeUnavailable(
             "install databricks-sdk to use cache.volume.kind = databricks"
         ) from exc
-    return Config(**options)
+    return Config(**{"retry_timeout_seconds": SDK_RETRY_SECONDS, **options})

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from proxy.speak import CacheKey
+from proxy.storage.databricks import auth
 from proxy.storage.databricks.files_api import VolumeRequestFailed, VolumeUnavailable
 from proxy.storage.databricks.streamed import StreamedEntry
 from proxy.storage.databricks.volume import DatabricksVolume
 from proxy.storage.entry import Entry
+from tests.conftest import free_port
 from tests.databricks_volume_support import (
     BASE,
     CLIENT_ID,
@@ -79,6 +81,23 @@ async def test_bad_app_configuration_is_unavailable_not_fatal(make_volume: MakeV
     volume = make_volume(config_options={"client_id": CLIENT_ID, "client_secret": "wrong"})
     with pytest.raises(VolumeUnavailable):
         await volume.get(KEY)
+
+
+async def test_an_unreachable_workspace_keeps_no_thread_busy_for_long(
+    make_volume: MakeVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # databricks-sdk retries an unreachable host for 300 s by default, and a process waits for
+    # its threads on exit: the proxy bounds the SDK's retries (SDK_RETRY_SECONDS, 2 s here).
+    monkeypatch.setattr(auth, "SDK_RETRY_SECONDS", 2)
+    volume = make_volume(host=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(VolumeUnavailable):
+        await volume.get(KEY)  # its lookup budget runs out while the configuration is built
+    build = volume._credentials._config_build
+    assert build is not None
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait({build}, timeout=30)
+    assert build.done()
+    assert asyncio.get_running_loop().time() - started < 15
 
 
 async def test_user_auth_uses_that_requests_token_only(
