@@ -285,6 +285,7 @@ async def test_always_trusts_the_index_at_once_and_rewrites_what_it_did_not_name
     tmp_path: Path,
     emulator: FilesApiEmulator,
     postgres_dsn: str,
+    make_index: MakeIndex,
 ) -> None:
     before = await proxy(aiohttp_client, legacy_backend, tmp_path, None)
     await speak(before)
@@ -292,14 +293,19 @@ async def test_always_trusts_the_index_at_once_and_rewrites_what_it_did_not_name
     await before.close()
     stale = emulator.read(SIDECAR)
 
-    always = {"cache.volume.lookup_via_index": "always", "cache.janitor_interval_seconds": 1e9}
-    client = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn, **always)
-    reads = volume_reads(emulator)
-    # The index does not name the entry and is trusted: synthesized again, and rewritten.
-    assert (await speak(client))[0] == "miss"
-    assert volume_reads(emulator) == reads
-    assert legacy_backend.calls[SPEAK] == 2
-    await settle(client.app)
+    # Another replica's janitor is elected: no walk reads the Volume (or records it) meanwhile.
+    other = await make_index()
+    async with IndexLedger(other.pool).elected() as election:
+        assert election is not None
+        always = {"cache.volume.lookup_via_index": "always"}
+        client = await proxy(aiohttp_client, legacy_backend, tmp_path, postgres_dsn, **always)
+        await started_janitor_done(client)
+        reads = volume_reads(emulator)
+        # The index does not name the entry and is trusted: synthesized again, and rewritten.
+        assert (await speak(client))[0] == "miss"
+        assert volume_reads(emulator) == reads
+        assert legacy_backend.calls[SPEAK] == 2
+        await settle(client.app)
     assert emulator.read(SIDECAR) != stale
     assert [message for message, _ in await index_rows(postgres_dsn)] == ["m-1"]
 
