@@ -152,6 +152,11 @@ def split_names(
     return sidecars, objects, sorted(temporary)
 
 
+def changed_before(changed: float | None, than: float) -> bool:
+    """Last changed before `than` (an unknown time is never old)."""
+    return changed is not None and changed < than
+
+
 def stale_names(mtimes: Mapping[str, float | None], older_than: float) -> list[str]:
     """What a crash left in one message folder, judged by names and times alone.
 
@@ -160,8 +165,7 @@ def stale_names(mtimes: Mapping[str, float | None], older_than: float) -> list[s
     """
 
     def old(name: str) -> bool:
-        changed = mtimes[name]
-        return changed is not None and changed < older_than
+        return changed_before(mtimes[name], older_than)
 
     sidecars, objects, temporary = split_names(mtimes)
     stale = [name for name in temporary if old(name)]

@@ -15,6 +15,7 @@ from proxy.storage.databricks.paths import VolumePaths
 from proxy.storage.entry import EntryInfo
 from proxy.storage.layout import (
     SIDECAR_SUFFIX,
+    changed_before,
     is_object_of,
     sidecar_name,
     split_names,
@@ -174,7 +175,7 @@ class VolumeWalks:
         voices.update(
             voice
             for voice, names in objects.items()
-            if len(names) > 1 and any(_older(mtimes[name], older_than) for name in names)
+            if len(names) > 1 and any(changed_before(mtimes[name], older_than) for name in names)
         )
         for voice in sorted(voices):
             key = CacheKey(*ids, voice)
@@ -207,15 +208,12 @@ class VolumeWalks:
                 doomed += [
                     name
                     for name in objects
-                    if name != named and name not in doomed and _older(mine[name], older_than)
+                    if name != named
+                    and name not in doomed
+                    and changed_before(mine[name], older_than)
                 ]
         doomed = doomed[:limit]
         # Sidecar first: from then on a reader sees a miss, whatever objects remain.
         for name in sorted(doomed, key=lambda name: not name.endswith(SIDECAR_SUFFIX)):
             await self._api.delete_file(call, f"{folder}/{name}")
         return len(doomed)
-
-
-def _older(changed: float | None, than: float) -> bool:
-    """Last changed before `than` (an unknown time is never old)."""
-    return changed is not None and changed < than
